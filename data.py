@@ -1,0 +1,447 @@
+"""
+Corpora, tokenizers and batches.
+
+Three kinds of data stand behind one interface (get_batch, eval_batches,
+state_dict), so train.py never asks which one it has:
+
+  TokenStream  a text as one long token stream, 90/10 contiguous split,
+               random windows of block_size tokens (nanoGPT's way).
+  SentenceSet  one line of the text per sequence, <BOS> ... <EOS>, padded
+               with <PAD> to block_size; 80/20 split of the shuffled lines
+               (the seed report's way, --sentences).
+  RecallTask   synthetic multi-query associative recall (--data recall):
+               key-value pairs, then queries that repeat earlier keys.
+
+Targets equal to IGNORE (-1) are not scored: padding, and every position of
+a recall sequence but the answers.
+
+Corpora: 'shakespeare' (Tiny Shakespeare, downloaded once into data/ and
+checked by size and SHA-256) or the path of any UTF-8 text file.
+Tokenizers: 'char' (every distinct character) or 'word' (lower-cased
+whitespace words: the most frequent ones plus <PAD> <UNK> <BOS> <EOS>).
+
+    python data.py                       # corpus statistics of Tiny Shakespeare
+    python data.py --data my.txt --tokenizer word
+"""
+
+import argparse
+import hashlib
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from lab import UserError
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_BYTES = 1115394
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
+CACHE_DIR = Path(__file__).resolve().parent / "data"
+SHAKESPEARE_PATH = CACHE_DIR / "tinyshakespeare.txt"
+
+IGNORE = -1  # target value that the loss skips
+SPECIALS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]  # word ids 0-3, as in the seed report
+PAD, UNK, BOS, EOS = range(4)
+
+# -----------------------------------------------------------------------------
+# reading a corpus
+
+
+def _sha256(data):
+    return hashlib.sha256(data).hexdigest()
+
+
+def download_shakespeare(attempts=3):
+    """Fetch Tiny Shakespeare into the cache, verified; a bad download is never kept."""
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    reason = "unknown error"
+    for attempt in range(1, attempts + 1):
+        try:
+            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+                data = response.read()
+            if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
+                reason = f"got {len(data):,} bytes that fail the size/checksum test"
+            else:
+                tmp = SHAKESPEARE_PATH.with_suffix(".tmp")
+                tmp.write_bytes(data)
+                tmp.replace(SHAKESPEARE_PATH)  # atomic: the cache is whole or absent
+                return
+        except OSError as error:  # URLError, timeouts and resets are all OSErrors
+            reason = str(getattr(error, "reason", error))
+        print(f"download attempt {attempt}/{attempts} failed: {reason}")
+        time.sleep(attempt)
+    raise UserError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({reason}); "
+                    f"save it as {SHAKESPEARE_PATH} or pass --data PATH")
+
+
+def read_shakespeare():
+    """The cached corpus, downloaded (again) when it is missing or corrupt."""
+    if SHAKESPEARE_PATH.is_file():
+        data = SHAKESPEARE_PATH.read_bytes()
+        if len(data) == SHAKESPEARE_BYTES and _sha256(data) == SHAKESPEARE_SHA256:
+            return data.decode("utf-8")
+        print(f"{SHAKESPEARE_PATH} is incomplete or corrupt; downloading it again")
+    download_shakespeare()
+    return SHAKESPEARE_PATH.read_text(encoding="utf-8")
+
+
+def read_text_file(path):
+    """A user's corpus: it must exist and be non-empty UTF-8 text."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"data file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"--data {path} is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserError(f"cannot read {path}: {error.strerror}") from None
+    if b"\x00" in data[:65536]:
+        raise UserError(f"{path} looks like a binary file, not text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
+    if not text.strip():
+        raise UserError(f"{path} is empty or holds only whitespace")
+    return text
+
+
+def read_corpus(source):
+    """'shakespeare' or a path -> text."""
+    return read_shakespeare() if source == "shakespeare" else read_text_file(source)
+
+
+# -----------------------------------------------------------------------------
+# tokenizers
+
+
+class CharTokenizer:
+    """Every distinct character of the corpus is one token."""
+
+    def __init__(self, chars):
+        self.chars = list(chars)
+        self.index = {ch: i for i, ch in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+
+    @classmethod
+    def from_text(cls, text):
+        return cls(sorted(set(text)))
+
+    def encode(self, text):
+        unknown = sorted(set(text) - self.index.keys())
+        if unknown:
+            raise UserError(f"characters not in the vocabulary: {''.join(unknown)!r}")
+        return [self.index[ch] for ch in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+    def start_ids(self):
+        """Where generation starts without a prompt: a line break, if the text has any."""
+        return [self.index.get("\n", 0)]
+
+    def state_dict(self):
+        return {"kind": "char", "tokens": self.chars}
+
+
+class WordTokenizer:
+    """Lower-cased whitespace words; ids 0-3 are <PAD> <UNK> <BOS> <EOS>."""
+
+    def __init__(self, tokens):
+        self.tokens = list(tokens)
+        self.index = {w: i for i, w in enumerate(self.tokens)}
+        self.vocab_size = len(self.tokens)
+
+    @classmethod
+    def from_text(cls, text, vocab_size):
+        if vocab_size <= len(SPECIALS):
+            raise UserError(f"--vocab-size must exceed {len(SPECIALS)} (the special tokens)")
+        counts = Counter(text.lower().split())
+        # most frequent first, ties broken alphabetically so the vocabulary is reproducible
+        words = sorted(counts, key=lambda w: (-counts[w], w))[: vocab_size - len(SPECIALS)]
+        return cls(SPECIALS + words)
+
+    def encode(self, text):
+        return [self.index.get(w, UNK) for w in text.lower().split()]
+
+    def decode(self, ids):
+        return " ".join(self.tokens[i] for i in ids if i != PAD)
+
+    def start_ids(self):
+        return [BOS]
+
+    def state_dict(self):
+        return {"kind": "word", "tokens": self.tokens}
+
+
+class SymbolTokenizer:
+    """The recall task's tokens are bare numbers: 0 is filler, then keys, then values."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def encode(self, text):
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise UserError("a recall prompt is a list of token numbers, e.g. '5 130 7 141 5'") from None
+        if any(not 0 <= i < self.vocab_size for i in ids):
+            raise UserError(f"recall tokens are numbers from 0 to {self.vocab_size - 1}")
+        return ids
+
+    def decode(self, ids):
+        return " ".join(str(i) for i in ids)
+
+    def start_ids(self):
+        return [0]
+
+    def state_dict(self):
+        return {"kind": "symbol", "vocab_size": self.vocab_size}
+
+
+def tokenizer_from_state(state):
+    if state["kind"] == "symbol":
+        return SymbolTokenizer(state["vocab_size"])
+    return {"char": CharTokenizer, "word": WordTokenizer}[state["kind"]](state["tokens"])
+
+
+# -----------------------------------------------------------------------------
+# batches: one long stream
+
+
+class TokenStream:
+    """A corpus as one token stream; batches are random windows of block_size tokens."""
+
+    def __init__(self, ids, tokenizer, block_size, seed):
+        self.tokenizer, self.block_size = tokenizer, block_size
+        ids = torch.tensor(ids, dtype=torch.long)
+        n_train = int(0.9 * len(ids))  # contiguous 90/10 split: validation is unseen text
+        self.splits = {"train": ids[:n_train], "val": ids[n_train:]}
+        for split, data in self.splits.items():
+            if len(data) <= block_size:
+                raise UserError(f"the corpus is too short: its {split} split has {len(data)} tokens, "
+                                f"not more than one block of {block_size} (lower --block-size or use a longer text)")
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_seed = seed + 1_000_003  # evaluation always reads the same windows
+
+    def _windows(self, split, batch_size, generator):
+        data = self.splits[split]
+        starts = torch.randint(len(data) - self.block_size, (batch_size,), generator=generator)
+        x = torch.stack([data[s : s + self.block_size] for s in starts.tolist()])  # (B, T)
+        y = torch.stack([data[s + 1 : s + 1 + self.block_size] for s in starts.tolist()])  # (B, T)
+        return x, y
+
+    def get_batch(self, batch_size):
+        """The next training batch (x, y), each (B, T)."""
+        return self._windows("train", batch_size, self.generator)
+
+    def eval_batches(self, split, batch_size, count):
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        return [self._windows(split, batch_size, generator) for _ in range(count)]
+
+    def steps_per_epoch(self, batch_size):
+        return max(1, len(self.splits["train"]) // (batch_size * self.block_size))
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def summary(self):
+        return (f"{len(self.splits['train']):,} train tokens, {len(self.splits['val']):,} val tokens, "
+                f"vocabulary {self.tokenizer.vocab_size:,}")
+
+
+# -----------------------------------------------------------------------------
+# batches: one sentence (line) per sequence, the seed report's way
+
+
+class SentenceSet:
+    """Each non-empty line is <BOS> w1 .. wn <EOS>, read up to block_size tokens and padded.
+
+    Inputs x are the first block_size tokens, targets y the next ones; padding
+    targets are IGNORE. Longer lines are truncated (the report's max_length).
+    Lines are shuffled with split_seed (42, as in the report) and split 80/20;
+    training visits them epoch by epoch in a fresh random order.
+    """
+
+    def __init__(self, text, tokenizer, block_size, seed, split_seed=42):
+        self.tokenizer, self.block_size = tokenizer, block_size
+        if not isinstance(tokenizer, WordTokenizer):
+            raise UserError("--sentences needs --tokenizer word (it uses <BOS>, <EOS> and <PAD>)")
+        lines = [line for line in text.split("\n") if line.strip()]
+        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(split_seed)).tolist()
+        n_train = int(0.8 * len(lines))
+        self.truncated = 0
+        self.splits = {}
+        for split, chosen in (("train", order[:n_train]), ("val", order[n_train:])):
+            if not chosen:
+                raise UserError(f"the corpus has {len(lines)} non-empty lines: too few for an 80/20 split")
+            self.splits[split] = self._pad([lines[i] for i in chosen])
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_seed = seed + 1_000_003
+        self.order, self.cursor = torch.randperm(n_train, generator=self.generator), 0
+
+    def _pad(self, lines):
+        T = self.block_size
+        x = torch.full((len(lines), T), PAD, dtype=torch.long)
+        y = torch.full((len(lines), T), IGNORE, dtype=torch.long)
+        for row, line in enumerate(lines):
+            ids = [BOS] + self.tokenizer.encode(line) + [EOS]
+            self.truncated += len(ids) > T + 1
+            ids = ids[: T + 1]
+            x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
+            y[row, : len(ids) - 1] = torch.tensor(ids[1:])
+        return x, y  # (N, T) each
+
+    def get_batch(self, batch_size):
+        x, y = self.splits["train"]
+        rows = []
+        while len(rows) < batch_size:  # walk through the epoch's order, reshuffle at its end
+            if self.cursor == len(self.order):
+                self.order, self.cursor = torch.randperm(len(x), generator=self.generator), 0
+            take = self.order[self.cursor : self.cursor + batch_size - len(rows)]
+            rows.extend(take.tolist())
+            self.cursor += len(take)
+        return x[rows], y[rows]
+
+    def eval_batches(self, split, batch_size, count):
+        generator = torch.Generator().manual_seed(self.eval_seed)
+        x, y = self.splits[split]
+        rows = [torch.randint(len(x), (batch_size,), generator=generator) for _ in range(count)]
+        return [(x[r], y[r]) for r in rows]
+
+    def steps_per_epoch(self, batch_size):
+        return -(-len(self.splits["train"][0]) // batch_size)  # ceil: the last batch may wrap
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state(), "order": self.order, "cursor": self.cursor}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.order, self.cursor = state["order"], state["cursor"]
+
+    def summary(self):
+        n_train, n_val = len(self.splits["train"][0]), len(self.splits["val"][0])
+        return (f"{n_train:,} train lines, {n_val:,} val lines, vocabulary {self.tokenizer.vocab_size:,}, "
+                f"{self.truncated} lines truncated to {self.block_size} tokens")
+
+
+# -----------------------------------------------------------------------------
+# batches: synthetic multi-query associative recall (Zoology, Arora et al. 2023)
+
+
+class RecallTask:
+    """Sequences of `block_size` tokens that test whether a model can look one fact up.
+
+        k1 v1 k2 v2 ... kN vN  0 0 kq vq 0 ... kq' vq' 0 ...
+        |---- N pairs -----|  |-- Q queries at random later slots --|
+
+    Keys come from 1..V/2-1 and are distinct within a sequence, values from
+    V/2..V-1, 0 is filler. Each query repeats an earlier key; its target (the
+    next token) is that key's value, and no other position is scored. Queries
+    sit at random slots after the pairs and ask random pairs, so both recent
+    and distant facts are asked. The training stream is endless; validation is
+    a fixed set drawn from its own seed.
+    """
+
+    def __init__(self, vocab_size, num_pairs, num_queries, block_size, seed):
+        self.block_size, self.num_pairs, self.num_queries = block_size, num_pairs, num_queries
+        self.num_keys = vocab_size // 2 - 1
+        self.query_slots = (block_size + 1 - 2 * num_pairs) // 2
+        if num_pairs < 1 or num_queries < 1:
+            raise UserError("--recall-pairs and --recall-queries must be at least 1")
+        if num_pairs > self.num_keys:
+            raise UserError(f"{num_pairs} distinct keys need --recall-vocab of at least {2 * num_pairs + 2}")
+        if num_queries > self.query_slots:
+            raise UserError(f"{num_pairs} pairs and {num_queries} queries do not fit in {block_size} tokens "
+                            f"(at most {max(self.query_slots, 0)} queries fit; raise --block-size)")
+        self.tokenizer = SymbolTokenizer(vocab_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.eval_seed = seed + 1_000_003
+
+    def sample(self, batch_size, generator):
+        B, N, Q, T = batch_size, self.num_pairs, self.num_queries, self.block_size
+        half = self.tokenizer.vocab_size // 2
+        keys = torch.rand(B, self.num_keys, generator=generator).argsort(dim=1)[:, :N] + 1  # (B, N) distinct
+        values = torch.randint(half, 2 * half, (B, N), generator=generator)  # (B, N)
+        seq = torch.zeros(B, T + 1, dtype=torch.long)
+        seq[:, 0 : 2 * N : 2], seq[:, 1 : 2 * N : 2] = keys, values
+        asked = torch.randint(N, (B, Q), generator=generator)  # which pair each query asks
+        slots = torch.rand(B, self.query_slots, generator=generator).argsort(dim=1)[:, :Q]
+        key_pos = 2 * N + 2 * slots  # (B, Q) position of each query's key
+        seq.scatter_(1, key_pos, keys.gather(1, asked))
+        seq.scatter_(1, key_pos + 1, values.gather(1, asked))
+        x = seq[:, :T]
+        y = torch.full((B, T), IGNORE, dtype=torch.long)
+        y.scatter_(1, key_pos, values.gather(1, asked))  # only the answers are scored
+        return x, y
+
+    def get_batch(self, batch_size):
+        return self.sample(batch_size, self.generator)
+
+    def eval_batches(self, split, batch_size, count):
+        # train and val draw from differently seeded streams of fresh sequences
+        generator = torch.Generator().manual_seed(self.eval_seed + (split == "val"))
+        return [self.sample(batch_size, generator) for _ in range(count)]
+
+    def steps_per_epoch(self, batch_size):
+        raise UserError("the recall task is an endless stream: use --max-iters, not --epochs")
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    def summary(self):
+        return (f"recall: {self.num_pairs} pairs, {self.num_queries} queries, length {self.block_size}, "
+                f"vocabulary {self.tokenizer.vocab_size}")
+
+
+# -----------------------------------------------------------------------------
+# one entry point for the scripts
+
+
+def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_size=128, sentences=False,
+                 seed=1337, recall_vocab=256, recall_pairs=8, recall_queries=8):
+    """Everything train.py needs from --data ... flags: a dataset with .tokenizer and batches."""
+    if block_size < 1:
+        raise UserError("--block-size must be positive")
+    if data == "recall":
+        return RecallTask(recall_vocab, recall_pairs, recall_queries, block_size, seed)
+    text = read_corpus(data)
+    if tokenizer == "char":
+        tok = CharTokenizer.from_text(text)
+    elif tokenizer == "word":
+        tok = WordTokenizer.from_text(text, vocab_size)
+    else:
+        raise UserError(f"unknown tokenizer '{tokenizer}' (choose char or word)")
+    if sentences:
+        return SentenceSet(text, tok, block_size, seed)
+    return TokenStream(tok.encode(text), tok, block_size, seed)
+
+
+def describe(data, dataset):
+    """The one line of corpus statistics the scripts print."""
+    name = Path(data).name if data not in ("shakespeare", "recall") else data
+    return f"data: {name}: {dataset.summary()}"
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Print a corpus's statistics.")
+    parser.add_argument("--data", default="shakespeare", help="'shakespeare', 'recall' or a text file")
+    parser.add_argument("--tokenizer", default="char", help="char or word")
+    parser.add_argument("--vocab-size", type=int, default=1000, help="word vocabulary size, specials included")
+    parser.add_argument("--sentences", action="store_true", help="one line per sequence")
+    parser.add_argument("--block-size", type=int, default=128, help="tokens per sequence")
+    args = parser.parse_args()
+    try:
+        ds = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences)
+    except UserError as error:
+        raise SystemExit(f"error: {error}")
+    print(describe(args.data, ds))

@@ -1,0 +1,301 @@
+"""
+Behaviour of the models and the data against references: the fast paths equal
+the definitions, the future never leaks into the past, the recurrent step
+equals the full forward pass, parameter counts equal the formulas and the
+seed report's numbers, tokenizers and checkpoints round-trip.
+
+    python -m pytest -q
+"""
+
+import math
+
+import pytest
+import torch
+
+from data import BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset
+from lab import build_model, count_params, generate, load_checkpoint, model_from_checkpoint, save_checkpoint
+from newllm import MIN_KEEP, gate_floors, parallel_scan, sequential_scan
+
+V, T = 23, 24
+TINY = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, dropout=0.0)
+STACK = dict(TINY, num_contexts=2, gate=True, pos_embed=False)
+
+# every variant a test should cover: name -> (arch, config)
+VARIANTS = {
+    "seed": ("newllm", dict(TINY, layers=3)),
+    "seed+norm+gate+timescales": ("newllm", dict(TINY, layers=2, context_norm=True, gate=True, timescales=True)),
+    "stack": ("newllm", STACK),
+    "stack+norm+timescales+conv": ("newllm", dict(STACK, context_norm=True, timescales=True, short_conv=3)),
+    "stack additive (no gate)": ("newllm", dict(STACK, gate=False)),
+    "hybrid": ("newllm", dict(STACK, short_conv=2, local_window=5, heads=2)),
+    "transformer": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=4, layers=2, dropout=0.0)),
+    "transformer post-norm": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=2, layers=2,
+                                                  dropout=0.0, post_norm=True)),
+}
+
+
+def tiny(name):
+    torch.manual_seed(0)
+    arch, config = VARIANTS[name]
+    return build_model(arch, **config).eval()
+
+
+# -----------------------------------------------------------------------------
+# the models
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_causal(name):
+    """Changing tokens after position t leaves the logits at positions <= t unchanged."""
+    model = tiny(name)
+    idx = torch.randint(V, (2, T))
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(V, (2, T - 10))
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    assert torch.allclose(before[:, :10], after[:, :10], atol=1e-6)
+    assert not torch.allclose(before[:, 10:], after[:, 10:], atol=1e-3)  # the future does matter later
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_step_equals_forward(name):
+    """Generation's recurrent step (context vector or KV cache) gives the forward pass's logits."""
+    model = tiny(name)
+    idx = torch.randint(V, (3, T))
+    with torch.no_grad():
+        logits, _ = model(idx)
+    state = model.init_state(3, "cpu")
+    stepped = []
+    for t in range(T):
+        step_logits, state = model.step(idx[:, t], state)
+        stepped.append(step_logits)
+    assert torch.allclose(torch.stack(stepped, dim=1), logits, atol=1e-5)
+
+
+def test_seed_forward_equals_literal_definition():
+    """The seed model's forward (batched token half, head after the loop) equals FNN([x_t ; c_{t-1}]) step by step."""
+    model = tiny("seed+norm+gate+timescales")
+    x = torch.randn(2, T, 16)
+    fast = model.core(x)
+    context, slow = model.core.init_state(2, "cpu"), []
+    for t in range(T):
+        h, context = model.core.step(x[:, t], context)
+        slow.append(h)
+    assert torch.allclose(fast, torch.stack(slow, dim=1), atol=1e-6)
+
+
+def test_fused_attention_equals_written_out():
+    model = tiny("transformer")
+    idx = torch.randint(V, (2, T))
+    with torch.no_grad():
+        fused, _ = model(idx, fused=True)
+        written, _ = model(idx, fused=False)
+    assert torch.allclose(fused, written, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_parallel_scan_equals_loop(dtype, tol):
+    """The chunked scan equals the loop in value and gradient, over many chunks, for any keep gate
+    the models can produce (MIN_KEEP .. 1); relative to the largest value, 1e-5 in float32."""
+    torch.manual_seed(0)
+    log_a = (torch.rand(2, 300, 8, dtype=dtype) * math.log(MIN_KEEP)).requires_grad_()
+    b = torch.randn(2, 300, 8, dtype=dtype).requires_grad_()
+    weights = torch.randn(2, 300, 8, dtype=dtype)
+    outputs, grads = [], []
+    for scan in (sequential_scan, parallel_scan):
+        c = scan(log_a, b)
+        (c * weights).sum().backward()
+        outputs.append(c.detach())
+        grads.append((log_a.grad.clone(), b.grad.clone()))
+        log_a.grad, b.grad = None, None
+    for loop, chunked in [outputs] + list(zip(*grads)):
+        assert (loop - chunked).abs().max() <= tol * loop.abs().max()
+
+
+def test_stack_parallel_equals_sequential_in_the_model():
+    """The whole stack, trained through the scan, matches the loop in loss and every gradient."""
+    model = tiny("stack+norm+timescales+conv").double()
+    idx = torch.randint(V, (2, T))
+    results = []
+    for scan in (sequential_scan, parallel_scan):
+        model.zero_grad()
+        _, loss = model(idx, idx, scan=scan)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for g_loop, g_scan in zip(results[0][1], results[1][1]):
+        assert torch.allclose(g_loop, g_scan, rtol=1e-9, atol=1e-12)
+
+
+def test_timescale_floors_span_fast_to_slow():
+    floors = gate_floors(64, timescales=True, longest=256)
+    assert floors[0] == pytest.approx(MIN_KEEP) and floors[-1] > 0.99 and bool((floors.diff() >= 0).all())
+    assert torch.equal(gate_floors(8, timescales=False, longest=256), torch.full((8,), MIN_KEEP))
+
+
+@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "transformer"])
+def test_overfits_a_tiny_batch(name):
+    """A model that cannot memorise 2 sequences cannot learn anything."""
+    model = tiny(name).train()
+    idx = torch.randint(V, (2, T))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("name", ["seed", "hybrid", "transformer"])
+def test_checkpoint_round_trip(name, tmp_path):
+    model = tiny(name)
+    path = tmp_path / "ckpt.pt"
+    arch, _ = VARIANTS[name]
+    save_checkpoint(path, {"arch": arch, "model_config": model.config.__dict__, "model": model.state_dict(),
+                           "tokenizer": {"kind": "symbol", "vocab_size": V}})
+    loaded = model_from_checkpoint(load_checkpoint(path)).eval()
+    idx = torch.randint(V, (2, T))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+
+
+def test_generation_outruns_the_position_table():
+    """A model with learned positions keeps generating past its table (by re-reading the recent half)."""
+    model = tiny("transformer")
+    out = generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * T)
+    assert out.shape == (1, 3 * T + 1)
+
+
+# -----------------------------------------------------------------------------
+# parameter counts
+
+
+def seed_params(V, T, E, C, H, L, gate=False, norm=False):
+    """The seed model counted by hand: embeddings, FNN, token head, context head (+ gate, norm)."""
+    return V * E + T * E + (E + C) * H + H + (L - 1) * (H * H + H) + H * V + V + H * C + C \
+        + gate * (H * C + C) + norm * 2 * C
+
+
+def transformer_params(V, T, E, L, H):
+    block = 3 * E * E + 3 * E + E * E + E + E * H + H + H * E + E + 4 * E
+    return V * E + T * E + L * block + 2 * E + E * V + V
+
+
+def test_param_counts_equal_the_formulas():
+    assert count_params(build_model("newllm", vocab_size=65, block_size=128)) == seed_params(65, 128, 256, 256, 512, 8)
+    assert count_params(build_model("newllm", vocab_size=50, block_size=64, embed_dim=32, context_dim=48, hidden_dim=80,
+                                    layers=3, gate=True, context_norm=True)) \
+        == seed_params(50, 64, 32, 48, 80, 3, gate=True, norm=True)
+    assert count_params(build_model("transformer", vocab_size=65, block_size=128)) \
+        == transformer_params(65, 128, 256, 3, 1024)
+
+
+def test_seed_report_parameter_counts():
+    """SEED.md's table pins the architectures down: vocabulary 1,000, length 32."""
+    assert seed_params(1000, 32, 256, 256, 512, 8) == 3009768
+    assert seed_params(1000, 32, 256, 512, 512, 8) == 3272168
+    assert seed_params(1000, 32, 256, 512, 1024, 10) == 12047848
+    assert transformer_params(1000, 32, 256, 6, 1024) == 5260264
+
+
+# -----------------------------------------------------------------------------
+# data
+
+
+def test_char_tokenizer_round_trips():
+    text = "First Citizen:\nBefore we proceed, hear me speak.\n"
+    tok = CharTokenizer.from_text(text)
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.vocab_size == len(set(text))
+
+
+def test_word_tokenizer_round_trips_and_has_specials_first():
+    text = "The king the KING and the queen\nof rome\n"
+    tok = WordTokenizer.from_text(text, vocab_size=10)
+    assert tok.tokens[:4] == ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]
+    assert tok.tokens[4] == "the"  # the most frequent word comes first
+    assert tok.decode(tok.encode("the king and the queen")) == "the king and the queen"
+    assert tok.encode("the unseen king") == [tok.index["the"], 1, tok.index["king"]]
+
+
+def test_word_vocabulary_has_exactly_1000_entries(word_corpus):
+    ds = load_dataset(str(word_corpus), "word", 1000, 32, sentences=True)
+    assert ds.tokenizer.vocab_size == 1000
+    assert ds.tokenizer.tokens[PAD] == "<PAD>" and ds.tokenizer.tokens[EOS] == "<EOS>"
+
+
+def test_sentences_are_bos_words_eos_and_padding_is_not_scored(word_corpus):
+    ds = load_dataset(str(word_corpus), "word", 1000, 32, sentences=True)
+    assert isinstance(ds, SentenceSet)
+    x, y = ds.get_batch(8)
+    assert (x[:, 0] == BOS).all()
+    lengths = (y != IGNORE).sum(dim=1)
+    for row, n in enumerate(lengths.tolist()):
+        assert y[row, n - 1] == EOS and (x[row, n:] == PAD).all() and (y[row, n:] == IGNORE).all()
+    # whatever the model predicts at padded positions, the loss does not change
+    model = build_model("newllm", vocab_size=1000, block_size=32, embed_dim=16, context_dim=8, hidden_dim=16, layers=2).eval()
+    logits, loss = model(x, y)
+    scored = y != IGNORE
+    manual = torch.nn.functional.cross_entropy(logits[scored], y[scored])
+    assert loss.item() == pytest.approx(manual.item(), rel=1e-6)
+    x_changed = x.clone()
+    x_changed[~scored] = 7  # other tokens on padded input positions: causal, so earlier scores stay
+    assert model(x_changed, y)[1].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_stream_split_is_contiguous_90_10(char_corpus):
+    ds = load_dataset(str(char_corpus), "char", block_size=16)
+    text = char_corpus.read_text()
+    n = len(text)
+    assert len(ds.splits["train"]) == int(0.9 * n) and len(ds.splits["val"]) == n - int(0.9 * n)
+    assert ds.tokenizer.decode(ds.splits["val"].tolist()) == text[int(0.9 * n):]
+
+
+# -----------------------------------------------------------------------------
+# the recall task
+
+
+def test_recall_sequences_are_well_formed():
+    task = RecallTask(vocab_size=64, num_pairs=6, num_queries=5, block_size=40, seed=3)
+    x, y = task.get_batch(50)
+    half = 32
+    for row in range(50):
+        keys, values = x[row, 0:12:2], x[row, 1:12:2]
+        assert len(set(keys.tolist())) == 6 and keys.min() >= 1 and keys.max() < half  # distinct keys
+        assert values.min() >= half
+        answers = (y[row] != IGNORE).nonzero().flatten()
+        assert len(answers) == 5 and answers.min() >= 12  # only the queries are scored
+        for pos in answers.tolist():
+            query = x[row, pos].item()
+            assert query in keys.tolist()
+            assert y[row, pos] == values[keys.tolist().index(query)]  # the value paired earlier
+
+
+def test_recall_same_seed_same_data():
+    a = RecallTask(64, 4, 4, 32, seed=7)
+    b = RecallTask(64, 4, 4, 32, seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(a.get_batch(16), b.get_batch(16)))
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(a.eval_batches("val", 8, 2), b.eval_batches("val", 8, 2)))
+    assert not torch.equal(RecallTask(64, 4, 4, 32, seed=8).get_batch(16)[0], a.get_batch(16)[0])
+
+
+def test_transformer_learns_a_small_recall_instance():
+    """4 pairs in 32 tokens: attention can look the answer up; a few hundred CPU steps suffice."""
+    torch.manual_seed(0)
+    task = RecallTask(vocab_size=32, num_pairs=4, num_queries=4, block_size=32, seed=0)
+    model = build_model("transformer", vocab_size=32, block_size=32, embed_dim=64, heads=4, layers=2, dropout=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(400):
+        x, y = task.get_batch(64)
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x, y = task.eval_batches("val", 256, 1)[0]
+    with torch.no_grad():
+        predictions = model(x)[0].argmax(-1)
+    scored = y != IGNORE
+    accuracy = (predictions[scored] == y[scored]).float().mean().item()
+    assert accuracy > 0.9
