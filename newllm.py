@@ -396,19 +396,7 @@ class NewLLM(nn.Module):
         self.core = SeedCell(config) if config.num_contexts == 1 else ContextStack(config)
         self.head = nn.Linear(self.core.out_dim, config.vocab_size)
         self.max_len = config.block_size if config.pos_embed else None
-        if config.num_contexts >= 2:
-            self._init_stack()
-
-    def _init_stack(self):
-        """GPT-2's scheme for the residual stack; the seed cell keeps PyTorch's defaults, as the report did."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-        for block in self.core.blocks:  # residual writes shrink with depth
-            for module in (block.mixer.proj, block.mlp.down) + ((block.local.proj,) if block.local else ()):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.num_contexts))
+        # PyTorch's default initialisation throughout: the seed model's, and as good as GPT-2's for the stack
 
     def embed(self, idx, start=0):
         x = self.tok_emb(idx)  # (B, T, E) or (B, E)

@@ -107,6 +107,7 @@ def build_parser():
     g.add_argument("--local-window", type=int, help="New-LLM stack: hybrid attention over the last W positions (0 = off)")
     g.add_argument("--pos-embed", action=bool_flag, help="New-LLM: learned position embedding (caps the length)")
     g.add_argument("--post-norm", action=bool_flag, help="Transformer: LayerNorm after each residual sum (the report's)")
+    g.add_argument("--init", choices=["gpt2", "torch"], help="Transformer: GPT-2's N(0, 0.02) init or PyTorch's defaults")
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per step (per process)")

@@ -1,0 +1,302 @@
+"""
+The scripts as a user meets them: presets, dry runs, exact resume, interrupts,
+divergence, atomic checkpoints, data-parallel training, and one clear line for
+every bad input (tried through the real command line, in a subprocess).
+
+    python -m pytest -q test_train.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import train
+from conftest import write_corpus
+from lab import UserError, load_checkpoint, save_checkpoint
+from test_models import seed_params, transformer_params
+
+REPO = Path(__file__).resolve().parent
+TINY = ["--embed-dim", "16", "--context-dim", "16", "--hidden-dim", "32", "--layers", "2", "--block-size", "16",
+        "--batch-size", "4", "--eval-iters", "2", "--sample-tokens", "0", "--no-progress"]
+
+
+def cli(*args, timeout=180):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, cwd=REPO,
+                          timeout=timeout, env=env)
+
+
+def assert_one_line_error(result, fragment):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return write_corpus(tmp_path_factory.mktemp("corpus") / "corpus.txt", ["to", "be", "or", "not", "that", "is"], 400)
+
+
+@pytest.fixture(scope="module")
+def trained_run(corpus, tmp_path_factory):
+    """A finished tiny New-LLM run to resume, sample from and damage."""
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = cli("train.py", "--data", corpus, "--out-dir", out, "--max-iters", "4", "--eval-interval", "2", *TINY)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+# -----------------------------------------------------------------------------
+# presets and dry runs
+
+
+def test_seed_presets_have_the_reports_parameter_counts(word_corpus, capsys):
+    expected = {"seed-baseline": 3009768, "seed-exp1": 3272168, "seed-exp2": 12047848, "seed-exp3": 12047848,
+                "seed-transformer": 5260264}
+    for preset, params in expected.items():
+        assert train.main(["--preset", preset, "--data", str(word_corpus), "--dry-run"])["params"] == params
+        assert f"params: {params}\n" in capsys.readouterr().out
+
+
+def test_dry_run_params_equal_the_formula(corpus):
+    V = len(set(corpus.read_text()))
+    assert train.main(["--data", str(corpus), "--dry-run"])["params"] == seed_params(V, 128, 256, 256, 512, 8)
+    assert train.main(["--arch", "transformer", "--data", str(corpus), "--dry-run"])["params"] \
+        == transformer_params(V, 128, 256, 3, 1024)
+
+
+def test_a_flag_overrides_its_preset():
+    args = train.parse_args(["--preset", "seed-baseline", "--context-dim", "128", "--lr", "0.01"])
+    assert (args.context_dim, args.lr, args.hidden_dim, args.sentences) == (128, 0.01, 512, True)
+
+
+# -----------------------------------------------------------------------------
+# one clear line for every bad input
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (b"", "empty"), (b"  \n\t \n", "only whitespace"), (b"\x00\x01\x02binary", "binary"),
+    ("caf\u00e9 cr\u00e8me".encode("latin-1"), "not UTF-8"), (b"too short", "too short")])
+def test_bad_corpus_files(tmp_path, content, fragment):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    assert_one_line_error(cli("train.py", "--data", path, "--out-dir", tmp_path / "run"), fragment)
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--data", "no/such/file.txt"], "does not exist"),
+    (["--arch", "rnn"], "invalid choice"),
+    (["--preset", "seed-huge"], "invalid choice"),
+    (["--arch", "transformer", "--embed-dim", "30", "--heads", "4"], "must divide"),
+    (["--embed-dim", "0"], "must be positive"),
+    (["--layers", "-2"], "must be positive"),
+    (["--block-size", "0"], "must be positive"),
+    (["--arch", "transformer", "--gate"], "do(es) not apply"),
+    (["--num-contexts", "3", "--layers", "4"], "stack's depth is --num-contexts"),
+    (["--batch-size", "0"], "must be positive"),
+    (["--max-iters", "ten"], "invalid int value"),
+])
+def test_bad_flags(corpus, tmp_path, flags, fragment):
+    assert_one_line_error(cli("train.py", "--data", corpus, "--out-dir", tmp_path / "run", *flags), fragment)
+
+
+@pytest.mark.parametrize("device,available", [("cuda", torch.cuda.is_available()),
+                                              ("mps", torch.backends.mps.is_available())])
+def test_missing_accelerator(corpus, tmp_path, device, available):
+    if available:
+        pytest.skip(f"this machine has {device}")
+    assert_one_line_error(cli("train.py", "--data", corpus, "--device", device, "--out-dir", tmp_path / "r"), device)
+
+
+def test_out_dir_holding_another_run_is_refused(trained_run, corpus):
+    assert_one_line_error(cli("train.py", "--data", corpus, "--out-dir", trained_run, *TINY), "already holds a run")
+
+
+def test_resume_bad_checkpoints(trained_run, corpus, tmp_path):
+    assert_one_line_error(cli("train.py", "--out-dir", tmp_path / "empty", "--resume"), "nothing to resume")
+    assert_one_line_error(cli("train.py", "--out-dir", trained_run, "--resume", "--arch", "transformer"),
+                          "holds a newllm run")
+    assert_one_line_error(cli("train.py", "--out-dir", trained_run, "--resume", "--block-size", "32"),
+                          "model differs")
+    other = write_corpus(tmp_path / "other.txt", ["completely", "different", "letters", "xyz"], 300)
+    assert_one_line_error(cli("train.py", "--out-dir", trained_run, "--resume", "--data", other), "vocabulary differs")
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "config.json").write_text((trained_run / "config.json").read_text())
+    (damaged / "last.pt").write_bytes((trained_run / "last.pt").read_bytes()[:2000])  # truncated
+    assert_one_line_error(cli("train.py", "--out-dir", damaged, "--resume"), "damaged")
+
+
+def test_sample_bad_inputs(trained_run, tmp_path):
+    ckpt = trained_run / "ckpt.pt"
+    assert_one_line_error(cli("sample.py", "--ckpt", tmp_path / "none.pt"), "no checkpoint")
+    assert_one_line_error(cli("sample.py", "--ckpt", ckpt, "--prompt", "Zebra!"), "not in the vocabulary")
+    assert_one_line_error(cli("sample.py", "--ckpt", ckpt, "--prompt", "to be " * 10), "reads at most")
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a checkpoint")
+    assert_one_line_error(cli("sample.py", "--ckpt", junk), "damaged or not a checkpoint")
+
+
+def test_sample_prints_text(trained_run):
+    result = cli("sample.py", "--ckpt", trained_run / "ckpt.pt", "--prompt", "to be", "--tokens", "40")
+    assert result.returncode == 0 and result.stdout.startswith("to be") and len(result.stdout) >= 45
+
+
+# -----------------------------------------------------------------------------
+# no lost work
+
+
+def test_killed_mid_write_leaves_the_old_checkpoint(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    good = {"arch": "newllm", "model_config": {}, "model": {"w": torch.ones(3)}, "tokenizer": {}}
+    save_checkpoint(path, good)
+
+    class FailsHalfway:  # pickling raises after part of the file is written, like a crash or a full disk
+        def __reduce__(self):
+            raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        save_checkpoint(path, {**good, "model": {"w": torch.zeros(10_000), "x": FailsHalfway()}})
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
+
+
+def test_sigkill_mid_write_never_corrupts(tmp_path):
+    """Kill a process that rewrites a 40 MB checkpoint in a loop; the file always loads."""
+    path = tmp_path / "ckpt.pt"
+    script = ("import torch, lab\n"
+              "c = {'arch': 'newllm', 'model_config': {}, 'tokenizer': {}, 'model': {'w': torch.randn(10_000_000)}}\n"
+              f"lab.save_checkpoint({str(path)!r}, c)\nprint('ready', flush=True)\n"
+              f"while True: lab.save_checkpoint({str(path)!r}, c)\n")
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        assert load_checkpoint(path)["model"]["w"].numel() == 10_000_000
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def test_stop_and_resume_equals_an_uninterrupted_run(corpus, tmp_path):
+    """SIGTERM mid-run saves last.pt; --resume then reaches exactly the losses of a run never stopped."""
+    flags = ["--data", corpus, "--max-iters", "300", "--eval-interval", "20", "--dropout", "0.1", *TINY]
+    whole = tmp_path / "whole"
+    assert cli("train.py", "--out-dir", whole, *flags).returncode == 0
+
+    parted = tmp_path / "parted"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", "--out-dir", str(parted), *map(str, flags)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    while not ((parted / "log.jsonl").exists() and len(read_log(parted)) >= 2) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in stdout
+    stopped_at = load_checkpoint(parted / "last.pt")["step"]
+    assert 20 <= stopped_at < 300
+
+    result = cli("train.py", "--out-dir", parted, "--resume")
+    assert result.returncode == 0, result.stderr
+    for a, b in zip(read_log(whole), read_log(parted), strict=True):
+        assert a["step"] == b["step"]
+        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
+        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+
+
+def test_hard_kill_then_resume(corpus, tmp_path):
+    """SIGKILL (no chance to save) loses at most the steps since the last evaluation."""
+    out = tmp_path / "killed"
+    flags = ["--data", corpus, "--max-iters", "300", "--eval-interval", "20", *TINY]
+    proc = subprocess.Popen([sys.executable, "train.py", "--out-dir", str(out), *map(str, flags)], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not ((out / "log.jsonl").exists() and len(read_log(out)) >= 3) and proc.poll() is None:
+        time.sleep(0.01)
+    proc.kill()
+    proc.wait()
+    result = cli("train.py", "--out-dir", out, "--resume")
+    assert result.returncode == 0, result.stderr
+    steps = [r["step"] for r in read_log(out)]
+    assert steps == sorted(set(steps)) and steps[-1] == 300  # no duplicated or missing evaluations at the end
+
+
+def test_divergence_stops_and_keeps_the_best_checkpoint(corpus, tmp_path):
+    out = tmp_path / "diverged"
+    result = cli("train.py", "--data", corpus, "--out-dir", out, "--lr", "1e30", "--warmup-iters", "0",
+                 "--max-iters", "50", "--eval-interval", "25", *TINY)
+    assert_one_line_error(result, "diverged")
+    assert "at step" in result.stderr
+    best = load_checkpoint(out / "ckpt.pt")
+    assert best["step"] == 0 and best["best_val_loss"] < 10
+
+
+# -----------------------------------------------------------------------------
+# the corpus download
+
+
+class FakeResponse:
+    def __init__(self, payload):
+        self.payload = payload
+
+    def read(self):
+        return self.payload
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_corrupt_download_is_retried_then_reported(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(data, "SHAKESPEARE_PATH", tmp_path / "tinyshakespeare.txt")
+    monkeypatch.setattr(data.time, "sleep", lambda seconds: None)
+    calls = []
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse(b"trunc"))
+    with pytest.raises(UserError, match="size/checksum"):
+        data.read_shakespeare()
+    assert len(calls) == 3 and not (tmp_path / "tinyshakespeare.txt").exists()
+
+
+def test_corrupt_cache_is_downloaded_again(tmp_path, monkeypatch):
+    text = b"Tiny but true.\n"
+    monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(data, "SHAKESPEARE_PATH", tmp_path / "tinyshakespeare.txt")
+    monkeypatch.setattr(data, "SHAKESPEARE_BYTES", len(text))
+    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(text))
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(text))
+    (tmp_path / "tinyshakespeare.txt").write_bytes(b"Tiny but tru")  # an interrupted earlier download
+    assert data.read_shakespeare() == text.decode()
+    assert (tmp_path / "tinyshakespeare.txt").read_bytes() == text
+
+
+# -----------------------------------------------------------------------------
+# several processes
+
+
+def test_torchrun_two_cpu_processes(corpus, tmp_path):
+    """DistributedDataParallel over gloo: two ranks train, rank 0 alone logs and checkpoints, the loss falls."""
+    out = tmp_path / "ddp"
+    result = cli("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", "--data", corpus,
+                 "--out-dir", out, "--max-iters", "60", "--eval-interval", "30", "--lr", "3e-3", *TINY, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    log = read_log(out)
+    assert [r["step"] for r in log] == [0, 30, 60]
+    assert log[-1]["val_loss"] < log[0]["val_loss"] - 0.5
+    assert json.loads((out / "config.json").read_text())["world_size"] == 2
+    assert len(load_checkpoint(out / "last.pt")["rng"]) == 2  # every rank's batch state, for resume
+    assert result.stdout.count("params:") == 1  # only rank 0 speaks
