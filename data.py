@@ -276,7 +276,7 @@ class SentenceSet:
         lines = [line for line in text.split("\n") if line.strip()]
         order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(split_seed)).tolist()
         n_train = int(0.8 * len(lines))
-        self.truncated = 0
+        self.truncated, self.unknown, self.words = 0, 0, 0
         self.splits = {}
         for split, chosen in (("train", order[:n_train]), ("val", order[n_train:])):
             if not chosen:
@@ -293,6 +293,8 @@ class SentenceSet:
         for row, line in enumerate(lines):
             ids = [BOS] + self.tokenizer.encode(line) + [EOS]
             self.truncated += len(ids) > T + 1
+            self.unknown += ids.count(UNK)
+            self.words += len(ids) - 2
             ids = ids[: T + 1]
             x[row, : len(ids) - 1] = torch.tensor(ids[:-1])
             y[row, : len(ids) - 1] = torch.tensor(ids[1:])
@@ -327,7 +329,8 @@ class SentenceSet:
 
     def summary(self):
         n_train, n_val = len(self.splits["train"][0]), len(self.splits["val"][0])
-        return (f"{n_train:,} train lines, {n_val:,} val lines, vocabulary {self.tokenizer.vocab_size:,}, "
+        return (f"{n_train:,} train lines, {n_val:,} val lines, vocabulary {self.tokenizer.vocab_size:,} "
+                f"({100 * self.unknown / max(self.words, 1):.1f}% of words are <UNK>), "
                 f"{self.truncated} lines truncated to {self.block_size} tokens")
 
 
@@ -345,34 +348,41 @@ class RecallTask:
     V/2..V-1, 0 is filler. Each query repeats an earlier key; its target (the
     next token) is that key's value, and no other position is scored. Queries
     sit at random slots after the pairs and ask random pairs, so both recent
-    and distant facts are asked. The training stream is endless; validation is
-    a fixed set drawn from its own seed.
+    and distant facts are asked. Each batch draws its N from `pairs`: training
+    on a mix of easy and hard sequences is how Zoology (Arora et al. 2023)
+    trains MQAR, and the easy ones get models past the long initial plateau.
+    The training stream is endless; evaluation draws from its own seed.
     """
 
-    def __init__(self, vocab_size, num_pairs, num_queries, block_size, seed):
-        self.block_size, self.num_pairs, self.num_queries = block_size, num_pairs, num_queries
+    def __init__(self, vocab_size, pairs, num_queries, block_size, seed):
+        self.pairs = tuple(pairs) if isinstance(pairs, (list, tuple)) else (pairs,)
+        self.block_size, self.num_queries = block_size, num_queries
         self.num_keys = vocab_size // 2 - 1
-        self.query_slots = (block_size + 1 - 2 * num_pairs) // 2
-        if num_pairs < 1 or num_queries < 1:
+        if min(self.pairs) < 1 or num_queries < 1:
             raise UserError("--recall-pairs and --recall-queries must be at least 1")
-        if num_pairs > self.num_keys:
-            raise UserError(f"{num_pairs} distinct keys need --recall-vocab of at least {2 * num_pairs + 2}")
-        if num_queries > self.query_slots:
-            raise UserError(f"{num_pairs} pairs and {num_queries} queries do not fit in {block_size} tokens "
-                            f"(at most {max(self.query_slots, 0)} queries fit; raise --block-size)")
+        if max(self.pairs) > self.num_keys:
+            raise UserError(f"{max(self.pairs)} distinct keys need --recall-vocab of at least {2 * max(self.pairs) + 2}")
+        if self.query_slots(max(self.pairs)) < 1:
+            raise UserError(f"{max(self.pairs)} pairs and their queries do not fit in {block_size} tokens "
+                            f"(raise --block-size to at least {2 * max(self.pairs) + 1})")
         self.tokenizer = SymbolTokenizer(vocab_size)
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1_000_003
 
+    def query_slots(self, num_pairs):
+        return (self.block_size + 1 - 2 * num_pairs) // 2
+
     def sample(self, batch_size, generator):
-        B, N, Q, T = batch_size, self.num_pairs, self.num_queries, self.block_size
+        N = self.pairs[torch.randint(len(self.pairs), (1,), generator=generator).item()]
+        B, T = batch_size, self.block_size
+        Q = min(self.num_queries, self.query_slots(N))
         half = self.tokenizer.vocab_size // 2
         keys = torch.rand(B, self.num_keys, generator=generator).argsort(dim=1)[:, :N] + 1  # (B, N) distinct
         values = torch.randint(half, 2 * half, (B, N), generator=generator)  # (B, N)
         seq = torch.zeros(B, T + 1, dtype=torch.long)
         seq[:, 0 : 2 * N : 2], seq[:, 1 : 2 * N : 2] = keys, values
         asked = torch.randint(N, (B, Q), generator=generator)  # which pair each query asks
-        slots = torch.rand(B, self.query_slots, generator=generator).argsort(dim=1)[:, :Q]
+        slots = torch.rand(B, self.query_slots(N), generator=generator).argsort(dim=1)[:, :Q]
         key_pos = 2 * N + 2 * slots  # (B, Q) position of each query's key
         seq.scatter_(1, key_pos, keys.gather(1, asked))
         seq.scatter_(1, key_pos + 1, values.gather(1, asked))
@@ -399,8 +409,8 @@ class RecallTask:
         self.generator.set_state(state["generator"])
 
     def summary(self):
-        return (f"recall: {self.num_pairs} pairs, {self.num_queries} queries, length {self.block_size}, "
-                f"vocabulary {self.tokenizer.vocab_size}")
+        return (f"recall: {'/'.join(map(str, self.pairs))} pairs, up to {self.num_queries} queries, "
+                f"length {self.block_size}, vocabulary {self.tokenizer.vocab_size}")
 
 
 # -----------------------------------------------------------------------------
@@ -408,7 +418,7 @@ class RecallTask:
 
 
 def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_size=128, sentences=False,
-                 seed=1337, recall_vocab=256, recall_pairs=8, recall_queries=8):
+                 seed=1337, recall_vocab=256, recall_pairs=(8,), recall_queries=8):
     """Everything train.py needs from --data ... flags: a dataset with .tokenizer and batches."""
     if block_size < 1:
         raise UserError("--block-size must be positive")

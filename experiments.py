@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import train
 from data import load_dataset
-from lab import Parser, UserError, build_model, count_params, hardware, pick_device
+from lab import Parser, build_model, count_params, hardware, pick_device, run_script
 from plot import plot_runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,10 +76,10 @@ def run_rows(study, budget, rows, common_flags):
 
 def header(study, budget, device, data, started, extra=""):
     """The lines that say how a table was made."""
+    data_flag = f" --data {data}" if data not in ("shakespeare", "recall") else ""
     return (f"Measured {time.strftime('%Y-%m-%d', time.localtime(started))} on {hardware(device)}, "
             f"torch {torch.__version__}; budget `{budget}`; data `{data}`. {extra}\n"
-            f"Command: `python experiments.py {study} --budget {budget}"
-            + (f" --data {data}" if data != "shakespeare" else "") + "`.\n")
+            f"Command: `python experiments.py {study} --budget {budget}{data_flag}`.\n")
 
 
 def write_results(study, markdown, payload, figure_paths):
@@ -118,9 +118,9 @@ def matched_hidden(flags, target, vocab_size):
 # study 1: the report's four improvements, added one at a time (README "Closing the gap")
 
 IMPROVEMENT_SCALES = {
-    # quick: nanoGPT's CPU scale (~0.8M parameters), 2,000 steps of 32 x 128 characters would be
-    # too long for 2 cores and 11 rows, so every row gets 600 steps (2.46M tokens).
-    "quick": dict(common=["--block-size", "128", "--batch-size", "32", "--max-iters", "600", "--lr", "2e-3",
+    # quick: nanoGPT's CPU scale (~0.8M parameters); 10 rows on 2 cores in 25 minutes leave
+    # every row 400 steps of 32 x 128 characters (1.6M tokens).
+    "quick": dict(common=["--block-size", "128", "--batch-size", "32", "--max-iters", "400", "--lr", "2e-3",
                           "--eval-interval", "100", "--eval-iters", "10", "--dropout", "0.1"],
                   transformer=["--embed-dim", "128", "--heads", "4", "--layers", "4"],
                   width=128, stack_depth=4, window=16),
@@ -133,6 +133,7 @@ IMPROVEMENT_SCALES = {
 
 
 def improvement_rows(scale, vocab_size):
+    """The Transformer, then the report's improvements added one at a time, each matched in parameters."""
     width, depth = str(scale["width"]), str(scale["stack_depth"])
     transformer = ["--arch", "transformer", *scale["transformer"]]
     target = count_for([*scale["common"], *transformer], vocab_size)
@@ -145,22 +146,32 @@ def improvement_rows(scale, vocab_size):
         ("+ gate", [*seed, "--context-norm", "--gate"], "c = a*c + (1-a)*v instead of c + delta"),
         ("+ several contexts (stack)", stack,
          f"{depth} residual blocks, one context each; gates read the input only, so the parallel scan trains it"),
-        ("+ timescales", [*stack, "--timescales"], "per-channel gate floors: fast and slow memories"),
-        ("+ short conv", [*stack, "--timescales", "--short-conv", "4"], "each context reads the last 4 inputs"),
+        ("+ short conv", [*stack, "--short-conv", "4"], "each context reads the last 4 inputs (token shift)"),
+        ("+ timescales", [*stack, "--short-conv", "4", "--timescales"], "per-channel gate floors: fast and slow memories"),
     ]
     rows = [Row("Transformer", transformer, "GPT-style decoder, the baseline", group="Transformer")]
     for name, flags, note in steps:
-        rows.append(Row(name, matched_hidden([*scale["common"], *flags], target, vocab_size)[len(scale["common"]):], note))
-    best = rows[-1]
-    rows.append(Row("hybrid: + local attention", matched_hidden(
-        [*scale["common"], *best.flags[:-2], "--local-window", str(scale["window"]), "--heads", "4"], target,
-        vocab_size)[len(scale["common"]):], f"sliding-window attention over the last {scale['window']} positions "
-                                            "(not attention-free)"))
-    # the two rows the claim rests on get a second seed
-    rows.append(Row("Transformer (seed 2)", [*transformer, "--seed", "2"], "", group="Transformer"))
-    best.group = "best attention-free"
-    rows.append(Row(best.name + " (seed 2)", [*best.flags, "--seed", "2"], "", group="best attention-free"))
+        matched = matched_hidden([*scale["common"], *flags], target, vocab_size)[len(scale["common"]):]
+        rows.append(Row(name, matched, note, extra={"stack": "--num-contexts" in flags}))
     return rows, target
+
+
+def follow_up_rows(scale, summaries, rows, target, vocab_size):
+    """Rows that depend on the results: the hybrid on top of the best attention-free row, and second seeds."""
+    stack_rows = [(s, r) for s, r in zip(summaries, rows) if r.extra.get("stack")]
+    best_summary, best = min(stack_rows, key=lambda pair: pair[0]["best_val_loss"])
+    base = best.flags[: best.flags.index("--hidden-dim")]
+    hybrid = matched_hidden([*scale["common"], *base, "--local-window", str(scale["window"]), "--heads", "4"],
+                            target, vocab_size)[len(scale["common"]):]
+    transformer = rows[0]
+    return [
+        Row("hybrid: best + local attention", hybrid,
+            f"{best.name.lstrip('+ ')} row plus sliding-window attention over the last {scale['window']} positions "
+            "(not attention-free)"),
+        Row("Transformer (seed 2)", [*transformer.flags, "--seed", "2"], "", group="Transformer"),
+        Row(f"best attention-free: {best.name.lstrip('+ ')} (seed 2)", [*best.flags, "--seed", "2"],
+            "the lowest attention-free row, second seed", group="best attention-free"),
+    ], best_summary
 
 
 def study_improvements(args, device):
@@ -170,6 +181,9 @@ def study_improvements(args, device):
     rows, target = improvement_rows(scale, dataset.tokenizer.vocab_size)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     summaries = run_rows("improvements", args.budget, rows, common)
+    more, best = follow_up_rows(scale, summaries, rows, target, dataset.tokenizer.vocab_size)
+    best["group"] = "best attention-free"
+    summaries += run_rows("improvements", args.budget, more, common)
     by_group = {}
     for s in summaries:
         by_group.setdefault(s["group"], []).append(s["best_val_loss"])
@@ -184,7 +198,9 @@ def study_improvements(args, device):
         gap = 100 * (s["best_val_loss"] - reference) / reference
         lines.append(f"| {s['name']} | {s['params']:,} | {s['best_val_loss']:.4f} | {gap:+.1f}% | "
                      f"{s['tokens_per_s']:,.0f} | {s['wall_s'] / 60:.1f} min | {s['note']} |")
-    lines.append("\nSeeds (mean ± half-range over seeds 1337 and 2):\n")
+    lines.append("\nThe gap is to the mean of the two Transformer seeds. The best attention-free row is picked "
+                 "by its validation loss, then trained again with a second seed; the hybrid is built on it.\n")
+    lines.append("Seeds (mean ± half-range over seeds 1337 and 2):\n")
     for group in ("Transformer", "best attention-free"):
         mean, spread = mean_spread(by_group[group])
         lines.append(f"- {group}: {mean:.4f} ± {spread:.4f}")
@@ -195,9 +211,186 @@ def study_improvements(args, device):
     plot_runs([Path(s["out_dir"]) for s in summaries if "seed 2" not in s["name"]], figure,
               title=f"The report's improvements, one at a time ({args.budget} budget)",
               labels=[f"{s['name']} ({s['best_val_loss']:.3f})" for s in summaries if "seed 2" not in s["name"]])
-    lines.append(f"\n![curves](improvements.png)\n")
+    lines.append("\n![curves](improvements.png)\n")
     write_results("improvements", "\n".join(lines) + "\n", {"budget": args.budget, "target_params": target,
                                                              "rows": summaries}, [figure])
+
+
+# -----------------------------------------------------------------------------
+# study 2: the seed report's table on real text (README "Does the report's conclusion hold?")
+
+SEED_REPORT = {  # SEED.md's own numbers, for comparison
+    "seed-baseline": ("baseline", "context_dim 256, hidden 512, layers 8", 5.6358),
+    "seed-exp1": ("exp 1", "context_dim 256 -> 512", 5.6572),
+    "seed-exp2": ("exp 2", "hidden 512 -> 1024, layers 8 -> 10 (context 512)", 5.7088),
+    "seed-exp3": ("exp 3", "exp 2, epochs x 3", 5.7121),
+    "seed-transformer": ("Transformer", "6 blocks, 4 heads, embed 256, FFN 1024", 4.8379),
+}
+# quick: a fifth of an epoch (three fifths for exp 3, keeping the report's 1:3), evaluated every 50 steps;
+# full: the report's 50 and 150 epochs, evaluated once per epoch.
+SEED_BUDGETS = {"quick": dict(epochs=0.2, eval=["--eval-interval", "50", "--eval-iters", "20"]),
+                "full": dict(epochs=50, eval=["--eval-interval", "0", "--eval-iters", "100"])}
+
+
+def study_seed(args, device):
+    started = time.time()
+    budget = SEED_BUDGETS[args.budget]
+    rows = []
+    for preset, (name, change, _) in SEED_REPORT.items():
+        epochs = budget["epochs"] * (3 if preset == "seed-exp3" else 1)
+        rows.append(Row(name, ["--preset", preset, "--epochs", str(epochs)], change, extra={"preset": preset,
+                                                                                             "epochs": epochs}))
+    summaries = run_rows("seed", args.budget, rows, ["--data", args.data, "--device", args.device, *budget["eval"]])
+    reference = next(s for s in summaries if s["name"] == "Transformer")["best_val_loss"]
+    lines = [f"# The seed report's table, rerun on real text ({args.budget})\n",
+             header("seed", args.budget, device, args.data, started,
+                    "Word level (1,000 tokens), one line per sequence, the report's models and optimiser; "
+                    f"{budget['epochs']:g} epoch(s) ({3 * budget['epochs']:g} for exp 3) instead of 50 (150)."
+                    if args.budget == "quick" else "The report's schedule: 50 epochs (150 for exp 3)."),
+             "| run | change | parameters | best val loss | vs Transformer | report's val loss | report's gap "
+             "| train tokens/s | wall time |", "|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        _, _, report_loss = SEED_REPORT[s["extra"]["preset"]]
+        gap = 100 * (s["best_val_loss"] - reference) / reference
+        report_gap = 100 * (report_loss - 4.8379) / 4.8379
+        is_reference = s["name"] == "Transformer"
+        lines.append(f"| {s['name']} | {s['note']} | {s['params']:,} | {s['best_val_loss']:.4f} | "
+                     f"{'—' if is_reference else f'{gap:+.1f}%'} | {report_loss:.4f} | "
+                     f"{'—' if is_reference else f'{report_gap:+.1f}%'} | {s['tokens_per_s']:,.0f} | "
+                     f"{s['wall_s'] / 60:.1f} min |")
+    lines.append("\nTokens/s counts every position of the padded 32-token sequences.\n\n![curves](seed.png)\n")
+    figure = RESULTS / "seed.png"
+    RESULTS.mkdir(exist_ok=True)
+    plot_runs([Path(s["out_dir"]) for s in summaries], figure, title=f"The seed report's runs on Tiny Shakespeare "
+              f"lines ({args.budget})", labels=[f"{s['name']} ({s['params'] / 1e6:.1f}M)" for s in summaries])
+    write_results("seed", "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
+
+
+# -----------------------------------------------------------------------------
+# study 3: associative recall against the number of facts and the state size (README "Recall")
+
+RECALL_BUDGETS = {
+    # quick: sequences of 64 tokens holding 1-16 pairs, 1,500 steps of 32 sequences per model
+    "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, width=64, sizes=[32, 64, 128, 256, 512],
+                  default_size=64, window=8),
+    # full: 256 tokens holding 4-64 pairs, as in the issue; 5,000 steps
+    "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
+                 sizes=[32, 64, 128, 256, 512, 1024], default_size=128, window=16),
+}
+
+
+def recall_rows(budget):
+    width = str(budget["width"])
+    common_model = ["--embed-dim", width, "--dropout", "0.0"]
+    stack = ["--arch", "newllm", *common_model, "--num-contexts", "2", "--gate", "--short-conv", "4",
+             "--context-norm", "--no-pos-embed", "--hidden-dim", str(2 * budget["width"])]  # the improvements' best
+    models = {
+        "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", str(2 * budget["width"])],
+        "best attention-free": stack,
+        "hybrid (local window)": [*stack, "--local-window", str(budget["window"]), "--heads", "4"],
+    }
+    rows = [Row("Transformer", ["--arch", "transformer", *common_model, "--heads", "4", "--layers", "2",
+                                "--init", "torch"], extra={"model": "Transformer", "context_dim": None})]
+    for model, flags in models.items():
+        for size in budget["sizes"]:
+            rows.append(Row(f"{model}, context {size}", [*flags, "--context-dim", str(size)],
+                            extra={"model": model, "context_dim": size}))
+    return rows
+
+
+@torch.no_grad()
+def recall_accuracy(run_dir, num_pairs, budget, device, sequences=512):
+    """Accuracy on the answer positions of fresh sequences with exactly num_pairs pairs."""
+    from data import RecallTask
+    from lab import load_checkpoint, model_from_checkpoint
+    model = model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt", map_location=device)).to(device).eval()
+    task = RecallTask(budget["vocab"], num_pairs, budget["block"], budget["block"], seed=99)
+    x, y = task.eval_batches("val", sequences, 1)[0]
+    x, y = x.to(device), y.to(device)
+    predictions = model(x)[0].argmax(-1)
+    scored = y != -1
+    state_floats = state_size(model, budget["block"], device)
+    return (predictions[scored] == y[scored]).float().mean().item(), state_floats
+
+
+def state_size(model, length, device):
+    """Numbers in the generation state after `length` tokens."""
+    state = model.init_state(1, device)
+    for _ in range(length):
+        _, state = model.step(torch.zeros(1, dtype=torch.long, device=device), state)
+    return count_state(state)
+
+
+def count_state(state):
+    if torch.is_tensor(state):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(count_state(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(count_state(v) for v in state)
+    return 0
+
+
+def study_recall(args, device):
+    started = time.time()
+    budget = RECALL_BUDGETS[args.budget]
+    common = ["--data", "recall", "--recall-vocab", str(budget["vocab"]), "--recall-pairs",
+              ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
+              str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", "2e-3",
+              "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
+    rows = recall_rows(budget)
+    summaries = run_rows("recall", args.budget, rows, common)
+    for s in summaries:
+        s["accuracy"], s["state_floats"] = {}, None
+        for n in budget["pairs"]:
+            s["accuracy"][n], s["state_floats"] = recall_accuracy(s["out_dir"], n, budget, device)
+    lines = [f"# Associative recall against facts and state size ({args.budget})\n",
+             header("recall", args.budget, device, "recall", started,
+                    f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
+                    f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
+                    "sequences; accuracy on 512 fresh sequences per pair count (chance: 1 in "
+                    f"{budget['vocab'] // 2})."),
+             "| model | context dim | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
+             + " |", "|---|---|---|---|" + "---|" * len(budget["pairs"])]
+    for s in summaries:
+        accuracies = " | ".join(f"{100 * s['accuracy'][n]:.0f}%" for n in budget["pairs"])
+        context = s["extra"]["context_dim"] or "—"
+        lines.append(f"| {s['extra']['model']} | {context} | {s['state_floats']:,} | {s['params']:,} | {accuracies} |")
+    lines.append("\nState: every number a model carries from one token to the next after the whole sequence "
+                 "(the Transformer's KV cache grows with the length; the others do not).\n\n![recall](recall.png)\n")
+    figure = RESULTS / "recall.png"
+    plot_recall(summaries, budget, figure)
+    write_results("recall", "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
+
+
+def plot_recall(summaries, budget, path):
+    fig, (by_pairs, by_state) = plt.subplots(1, 2, figsize=(13, 4.8))
+    hardest = max(budget["pairs"])
+    models = dict.fromkeys(s["extra"]["model"] for s in summaries)
+    for i, model in enumerate(models):
+        color = plt.rcParams["axes.prop_cycle"].by_key()["color"][i]
+        runs = [s for s in summaries if s["extra"]["model"] == model]
+        shown = next((s for s in runs if s["extra"]["context_dim"] in (None, budget["default_size"])), runs[0])
+        by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], "o-", color=color,
+                      label=f"{model}" + (f" (context {budget['default_size']})" if shown["extra"]["context_dim"] else ""))
+        by_state.plot([s["state_floats"] for s in runs], [100 * s["accuracy"][hardest] for s in runs], "o-",
+                      color=color, label=model)
+    by_pairs.plot(budget["pairs"], [100 / n for n in budget["pairs"]], "--", color="gray",
+                  label="guessing one of the N values in the sequence")
+    by_pairs.set_xscale("log", base=2)
+    by_pairs.set_xlabel("key-value pairs in the sequence")
+    by_state.set_xscale("log", base=2)
+    by_state.set_xlabel(f"state carried between tokens (numbers), at {budget['block']} tokens")
+    for ax, title in ((by_pairs, "accuracy against facts to recall"),
+                      (by_state, f"accuracy with {hardest} pairs against state size")):
+        ax.set_ylabel("recall accuracy (%)")
+        ax.set_ylim(0, 105)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None):
@@ -211,14 +404,11 @@ def main(argv=None):
     STUDIES[args.study](args, device)
 
 
-STUDIES = {"improvements": study_improvements}
+STUDIES = {"seed": study_seed, "improvements": study_improvements, "recall": study_recall}
 
 if __name__ == "__main__":
     try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        run_script(main)
     except KeyboardInterrupt:
         print("stopped; rerun the same command to carry on (finished rows are kept)", file=sys.stderr)
         sys.exit(130)

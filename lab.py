@@ -9,6 +9,7 @@ train.py, sample.py, experiments.py and bench.py.
 
 import argparse
 import os
+import sys
 import zipfile
 import pickle
 from dataclasses import asdict
@@ -29,6 +30,19 @@ ARCHS = {
 
 class UserError(Exception):
     """A mistake in what the user asked for. Scripts print it as one line and exit 2."""
+
+
+def run_script(main):
+    """Run a script's main(): a user's mistake or an I/O failure ends as one line on stderr, no traceback."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        print(f"error: {error.strerror or error} ({error.filename or 'I/O'}); saved checkpoints are intact",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 class Parser(argparse.ArgumentParser):

@@ -56,6 +56,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from transformer import CausalSelfAttention
+
 IGNORE = -1  # targets equal to this are not scored (padding, unasked recall positions)
 
 # -----------------------------------------------------------------------------
@@ -90,10 +92,10 @@ def parallel_scan(log_a, b):
     b = F.pad(b, (0, 0, 0, pad)).view(B, -1, CHUNK, C)
     A = log_a.cumsum(dim=2)  # log decay from each chunk's start to position t
     local = A.exp() * (b * (-A).exp()).cumsum(dim=2)  # every chunk scanned from c_start = 0
-    decay, ends = A[:, :, -1].exp(), local[:, :, -1]  # (B, n, C): whole-chunk decay and end value
-    starts = [torch.zeros_like(ends[:, 0])]
-    for i in range(ends.size(1) - 1):  # c at each chunk's start, chunk by chunk
-        starts.append(decay[:, i] * starts[-1] + ends[:, i])
+    decay, ends = A[:, :, -1].exp().unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
+    starts = [torch.zeros_like(ends[0])]
+    for i in range(len(ends) - 1):  # c at each chunk's start, chunk by chunk
+        starts.append(decay[i] * starts[-1] + ends[i])
     c = local + A.exp() * torch.stack(starts, dim=1)[:, :, None]  # add what came in from before
     return c.reshape(B, -1, C)[:, :T]
 
@@ -115,10 +117,9 @@ def gate_floors(channels, timescales, longest):
     return (0.5 ** (1.0 / half_lives)).clamp(min=MIN_KEEP)  # (C,)
 
 
-def log_gates(logit, floor):
-    """Keep gate a = f + (1 - f) * sigmoid(logit), returned as (log a, log(1 - a)), computed stably."""
-    log_keep = torch.logaddexp(floor.log(), torch.log1p(-floor) - F.softplus(-logit))
-    return log_keep, torch.log1p(-floor) - F.softplus(logit)
+def keep_gate(logit, floor):
+    """Keep gate a = f + (1 - f) * sigmoid(logit) and its complement 1 - a, each without cancellation."""
+    return floor + (1 - floor) * torch.sigmoid(logit), (1 - floor) * torch.sigmoid(-logit)
 
 
 # -----------------------------------------------------------------------------
@@ -152,8 +153,8 @@ class SeedCell(nn.Module):
         if self.to_gate is None:
             context = context + value
         else:
-            log_keep, log_write = log_gates(self.to_gate(h), self.floor)
-            context = log_keep.exp() * context + log_write.exp() * value
+            keep, write = keep_gate(self.to_gate(h), self.floor)
+            context = keep * context + write * value
         return self.norm(context) if self.norm is not None else context
 
     def init_state(self, batch_size, device):
@@ -167,14 +168,13 @@ class SeedCell(nn.Module):
     def forward(self, x):
         """The same loop as step, with the context-free work taken out of it. x: (B, T, E) -> (B, T, H)."""
         E = self.config.embed_dim
-        first = self.fnn[0]
+        token_weight, context_weight = self.fnn[0].weight[:, :E], self.fnn[0].weight[:, E:].contiguous()  # (H, E), (H, C)
         # The token half of the first layer never reads the context: all positions in one matmul.
-        token_part = F.linear(x, first.weight[:, :E], first.bias)  # (B, T, H)
-        context_weight = first.weight[:, E:]  # (H, C)
+        token_part = F.linear(x, token_weight, self.fnn[0].bias).unbind(1)  # T tensors of (B, H)
         context = self.init_state(x.size(0), x.device).to(x.dtype)
         hiddens = []
         for t in range(x.size(1)):
-            h = self.fnn_tail(token_part[:, t] + context @ context_weight.T)  # = FNN([x_t ; c_{t-1}])
+            h = self.fnn_tail(token_part[t] + F.linear(context, context_weight))  # = FNN([x_t ; c_{t-1}])
             context = self.update(context, h)
             hiddens.append(h)
         return torch.stack(hiddens, dim=1)  # (B, T, H); the token head runs once, after the loop
@@ -184,6 +184,26 @@ class SeedCell(nn.Module):
 # the stack's pieces: a context mixer, an optional local attention, an MLP
 
 
+class ShortConv(nn.Module):
+    """Causal depthwise convolution: u_t = bias + sum_k w_k * x_{t-S+1+k}, channel by channel."""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        bound = 1 / math.sqrt(width)  # PyTorch's default for a depthwise Conv1d
+        self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, S), oldest first
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+
+    def forward(self, x):
+        T, S = x.size(1), self.weight.size(1)
+        padded = F.pad(x, (0, 0, S - 1, 0))  # S - 1 zeros before the first position: (B, T + S - 1, E)
+        return self.bias + sum(padded[:, k : k + T] * self.weight[:, k] for k in range(S))  # (B, T, E)
+
+    def step(self, x, recent):
+        """x (B, E) and the last S - 1 inputs (B, S - 1, E) -> u (B, E) and the new last S - 1 inputs."""
+        window = torch.cat([recent, x[:, None]], dim=1)  # (B, S, E), oldest first
+        return self.bias + (window * self.weight.T).sum(dim=1), window[:, 1:]
+
+
 class ContextMixer(nn.Module):
     """One context vector per block, updated from the block's input only, read out gated."""
 
@@ -191,31 +211,29 @@ class ContextMixer(nn.Module):
         super().__init__()
         E, C, S = config.embed_dim, config.context_dim, config.short_conv
         self.config = config
-        # causal depthwise convolution: u_t mixes x_{t-S+1} .. x_t channel by channel
-        self.conv = nn.Conv1d(E, E, S, groups=E, padding=S - 1) if S > 0 else None
-        self.to_gate = nn.Linear(E, C) if config.gate else None
-        self.to_value = nn.Linear(E, C)
-        self.to_read = nn.Linear(E, C)  # output gate: what of the context this position reads
+        self.conv = ShortConv(E, S) if S > 0 else None
+        # one matmul for the read gate r_t, the value v_t and (with --gate) the keep gate's logit
+        self.to_inputs = nn.Linear(E, (3 if config.gate else 2) * C)
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()
         self.proj = nn.Linear(C, E)
         self.register_buffer("floor", gate_floors(C, config.timescales, config.block_size), persistent=False)
 
     def coefficients(self, u):
-        """u (..., E) -> log a and b of c_t = a_t * c_{t-1} + b_t, each (..., C), in float32."""
-        value = self.to_value(u).float()
-        if self.to_gate is None:
-            return torch.zeros_like(value), value  # a_t = 1: the seed's plain addition
-        log_keep, log_write = log_gates(self.to_gate(u).float(), self.floor)
-        return log_keep, log_write.exp() * value
+        """u (..., E) -> log a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
+        read, value, *gate = self.to_inputs(u).split(self.config.context_dim, dim=-1)
+        value = value.float()
+        if not gate:
+            return torch.zeros_like(value), value, read  # a_t = 1: the seed's plain addition
+        keep, write = keep_gate(gate[0].float(), self.floor)
+        return keep.log(), write * value, read
 
-    def read(self, context, u):
-        return self.proj(self.norm(context.to(u.dtype)) * F.silu(self.to_read(u)))
+    def read_out(self, context, read):
+        return self.proj(self.norm(context.to(read.dtype)) * F.silu(read))
 
     def forward(self, x, scan=parallel_scan):
-        T = x.size(1)
-        u = self.conv(x.transpose(1, 2))[..., :T].transpose(1, 2) if self.conv is not None else x  # (B, T, E)
-        context = scan(*self.coefficients(u))  # (B, T, C)
-        return self.read(context, u)
+        u = self.conv(x) if self.conv is not None else x  # (B, T, E)
+        log_a, b, read = self.coefficients(u)
+        return self.read_out(scan(log_a, b), read)  # the scan gives c for every position: (B, T, C)
 
     def init_state(self, batch_size, device):
         E, C, S = self.config.embed_dim, self.config.context_dim, self.config.short_conv
@@ -226,27 +244,18 @@ class ContextMixer(nn.Module):
         """x (B, E) -> output (B, E); the state keeps c and the conv's last S-1 inputs: constant size."""
         u = x
         if self.conv is not None:
-            window = torch.cat([state["recent"], x[:, None]], dim=1)  # (B, S, E), oldest first
-            u = (window * self.conv.weight[:, 0].T).sum(dim=1) + self.conv.bias
-            state["recent"] = window[:, 1:]
-        log_a, b = self.coefficients(u)
+            u, state["recent"] = self.conv.step(x, state["recent"])
+        log_a, b, read = self.coefficients(u)
         state["context"] = log_a.exp() * state["context"] + b
-        return self.read(state["context"], u), state
+        return self.read_out(state["context"], read), state
 
 
-class LocalAttention(nn.Module):
-    """The hybrid's causal attention over the last W positions only (--local-window W)."""
+class LocalAttention(CausalSelfAttention):
+    """The hybrid's attention (--local-window W): the Transformer's, restricted to the last W positions."""
 
     def __init__(self, config):
-        super().__init__()
-        E = config.embed_dim
-        self.heads, self.window = config.heads, config.local_window
-        self.qkv = nn.Linear(E, 3 * E)
-        self.proj = nn.Linear(E, E)
-
-    def split_heads(self, x):
-        B, T, E = x.shape
-        return x.view(B, T, self.heads, E // self.heads).transpose(1, 2)  # (B, heads, T, E/heads)
+        super().__init__(config)
+        self.window = config.local_window
 
     def forward(self, x):
         B, T, E = x.shape
@@ -254,19 +263,17 @@ class LocalAttention(nn.Module):
         t = torch.arange(T, device=x.device)
         lag = t[:, None] - t[None, :]  # (T, T): how far back key s is from query t
         band = (lag >= 0) & (lag < self.window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band)  # (B, heads, T, E/heads)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, heads, T, E/heads)
         return self.proj(y.transpose(1, 2).reshape(B, T, E))
 
     def init_state(self, batch_size, device):
         return None  # keys and values of the last W positions, once there are any
 
-    def step(self, x, state):
-        q, k, v = map(self.split_heads, self.qkv(x[:, None]).split(x.size(-1), dim=2))  # (B, heads, 1, E/heads)
-        if state is not None:
-            k = torch.cat([state[0], k], dim=2)[:, :, -self.window :]  # never more than W positions
-            v = torch.cat([state[1], v], dim=2)[:, :, -self.window :]
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, heads, 1, E/heads)
-        return self.proj(y.transpose(1, 2).reshape(x.shape)), (k, v)
+    def step(self, x, cache):
+        y, (k, v) = super().step(x, cache)
+        start = max(0, k.size(2) - (self.window - 1))  # keep W - 1 positions: with the next token, W in view
+        return y, (k[:, :, start:], v[:, :, start:])
 
 
 class MLP(nn.Module):

@@ -4,10 +4,10 @@ training loss dashed, against steps (left) and wall-clock time (right); one
 colour per run, labelled with its name, architecture and parameter count.
 
     python plot.py runs/newllm runs/transformer -o curves.png
+    python plot.py runs/newllm runs/transformer -o curves.png --table   # and a markdown table
 """
 
 import json
-import sys
 from pathlib import Path
 
 import matplotlib
@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no window needed
 import matplotlib.pyplot as plt
 
-from lab import Parser, UserError
+from lab import Parser, UserError, run_script
 
 
 def read_run(run_dir):
@@ -65,19 +65,31 @@ def plot_runs(run_dirs, out_path, title=None, labels=None):
     plt.close(fig)
 
 
+def markdown_table(run_dirs):
+    """One row per run: what it is and how it ended, ready to paste into a README."""
+    lines = ["| run | arch | params | steps | tokens | best val loss | wall time | hardware |",
+             "|---|---|---|---|---|---|---|---|"]
+    for run_dir in run_dirs:
+        config, log = read_run(run_dir)
+        last = log[-1]
+        lines.append(f"| {Path(run_dir).name} | {config['arch']} | {config['params']:,} | {last['step']:,} | "
+                     f"{last['tokens']:,} | {min(r['val_loss'] for r in log):.4f} | {last['time_s'] / 60:.1f} min | "
+                     f"{config['hardware']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     parser = Parser(prog="plot.py", description="Plot loss curves of runs side by side.")
     parser.add_argument("runs", nargs="+", help="run directories written by train.py")
     parser.add_argument("-o", "--out", default="curves.png", help="output image (PNG, SVG or PDF)")
     parser.add_argument("--title", help="a title over both panels")
+    parser.add_argument("--table", action="store_true", help="also print a markdown table of the runs")
     args = parser.parse_args(argv)
     plot_runs(args.runs, args.out, args.title)
     print(f"wrote {args.out}")
+    if args.table:
+        print(markdown_table(args.runs))
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

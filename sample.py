@@ -7,13 +7,11 @@ Transformer its KV cache.
     python sample.py --ckpt runs/transformer/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 20
 """
 
-import argparse
-import sys
 
 import torch
 
 from data import tokenizer_from_state
-from lab import Parser, UserError, generate, load_checkpoint, model_from_checkpoint, pick_device
+from lab import Parser, UserError, generate, load_checkpoint, model_from_checkpoint, pick_device, run_script
 
 
 def main(argv=None):
@@ -45,8 +43,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main)

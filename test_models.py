@@ -257,7 +257,7 @@ def test_stream_split_is_contiguous_90_10(char_corpus):
 
 
 def test_recall_sequences_are_well_formed():
-    task = RecallTask(vocab_size=64, num_pairs=6, num_queries=5, block_size=40, seed=3)
+    task = RecallTask(vocab_size=64, pairs=6, num_queries=5, block_size=40, seed=3)
     x, y = task.get_batch(50)
     half = 32
     for row in range(50):
@@ -272,6 +272,15 @@ def test_recall_sequences_are_well_formed():
             assert y[row, pos] == values[keys.tolist().index(query)]  # the value paired earlier
 
 
+def test_recall_mixes_pair_counts_per_batch():
+    task = RecallTask(vocab_size=64, pairs=[2, 8], num_queries=4, block_size=40, seed=0)
+    fillers = set()
+    for _ in range(20):
+        x, _ = task.get_batch(4)
+        fillers.add(int((x[0, :16] == 0).sum()))  # 8 pairs fill 16 positions; 2 pairs leave filler there
+    assert 0 in fillers and max(fillers) >= 4
+
+
 def test_recall_same_seed_same_data():
     a = RecallTask(64, 4, 4, 32, seed=7)
     b = RecallTask(64, 4, 4, 32, seed=7)
@@ -283,7 +292,7 @@ def test_recall_same_seed_same_data():
 def test_transformer_learns_a_small_recall_instance():
     """4 pairs in 32 tokens: attention can look the answer up; a few hundred CPU steps suffice."""
     torch.manual_seed(0)
-    task = RecallTask(vocab_size=32, num_pairs=4, num_queries=4, block_size=32, seed=0)
+    task = RecallTask(vocab_size=32, pairs=4, num_queries=4, block_size=32, seed=0)
     model = build_model("transformer", vocab_size=32, block_size=32, embed_dim=64, heads=4, layers=2, dropout=0.0,
                         init="torch")  # GPT-2's init sits on a plateau for thousands of steps here
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

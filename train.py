@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data import IGNORE, describe, load_dataset
 from lab import ARCHS, Parser, UserError, build_model, count_params, generate, hardware, load_checkpoint, \
-    model_config_dict, pick_device, save_checkpoint
+    model_config_dict, pick_device, run_script, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # presets: the configurations people rerun. Any flag given next to a preset overrides it.
@@ -50,10 +50,9 @@ SEED_SETUP = dict(tokenizer="word", vocab_size=1000, sentences=True, block_size=
                   lr_schedule="constant", grad_clip=1.0, epochs=50, eval_interval=0, eval_iters=50)
 SEED_NEWLLM = dict(SEED_SETUP, arch="newllm", embed_dim=256, context_dim=256, hidden_dim=512, layers=8)
 
-# The best attention-free New-LLM (see README, "Closing the gap"): a stack of gated context
-# blocks with a short convolution and fixed timescales, trained with the parallel scan.
-BEST_STACK = dict(arch="newllm", num_contexts=4, gate=True, timescales=True, short_conv=4,
-                  context_norm=True, pos_embed=False)
+# The best attention-free New-LLM (README, "Closing the gap"): a stack of gated context blocks
+# with a short convolution, trained through the parallel scan. (--timescales measured worse.)
+BEST_STACK = dict(arch="newllm", num_contexts=4, gate=True, short_conv=4, context_norm=True, pos_embed=False)
 
 PRESETS = {
     "seed-baseline": SEED_NEWLLM,
@@ -63,18 +62,25 @@ PRESETS = {
     "seed-transformer": dict(SEED_SETUP, arch="transformer", embed_dim=256, heads=4, layers=6,
                              hidden_dim=1024, post_norm=True),
     # CPU scale (~0.8M parameters), matched to `--preset transformer-cpu`
-    "best-newllm-cpu": dict(BEST_STACK, embed_dim=128, context_dim=128, hidden_dim=512, block_size=128,
+    "best-newllm-cpu": dict(BEST_STACK, embed_dim=128, context_dim=128, hidden_dim=524, block_size=128,
                             batch_size=32, dropout=0.1, max_iters=1500, lr=2e-3),
     "transformer-cpu": dict(arch="transformer", embed_dim=128, heads=4, layers=4, block_size=128,
                             batch_size=32, dropout=0.1, max_iters=1500, lr=2e-3),
     # GPU scale (~10M parameters, nanoGPT's Shakespeare model), matched to `--preset transformer-gpu`
-    "best-newllm": dict(BEST_STACK, embed_dim=384, context_dim=384, hidden_dim=1536, num_contexts=6,
+    "best-newllm": dict(BEST_STACK, embed_dim=384, context_dim=384, hidden_dim=1554, num_contexts=6,
                         block_size=256, batch_size=64, dropout=0.2, max_iters=5000, lr=1e-3),
     "transformer-gpu": dict(arch="transformer", embed_dim=384, heads=6, layers=6, block_size=256,
                             batch_size=64, dropout=0.2, max_iters=5000, lr=1e-3),
 }
 
 MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
+
+
+def int_list(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
 
 
 def build_parser():
@@ -86,7 +92,8 @@ def build_parser():
     g.add_argument("--vocab-size", type=int, default=1000, help="word tokenizer: entries including <PAD> <UNK> <BOS> <EOS>")
     g.add_argument("--sentences", action=bool_flag, default=False, help="one line per sequence, padded (the seed report's setup)")
     g.add_argument("--recall-vocab", type=int, default=256, help="recall task: vocabulary (keys in the lower half, values in the upper)")
-    g.add_argument("--recall-pairs", type=int, default=8, help="recall task: key-value pairs per sequence")
+    g.add_argument("--recall-pairs", type=int_list, default=[8],
+                   help="recall task: key-value pairs per sequence; a list (4,8,16) trains on a mix")
     g.add_argument("--recall-queries", type=int, default=8, help="recall task: queries per sequence")
 
     g = p.add_argument_group("model (unset flags take the architecture's defaults, see newllm.py / transformer.py)")
@@ -111,7 +118,7 @@ def build_parser():
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per step (per process)")
-    g.add_argument("--max-iters", type=int, default=2000, help="optimizer steps")
+    g.add_argument("--max-iters", type=int, default=500, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="train for this many passes over the training data instead of --max-iters")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after warmup: cosine decay to lr/10, or constant")
@@ -119,8 +126,8 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on matrices (0 = Adam)")
     g.add_argument("--beta2", type=float, default=0.99, help="AdamW beta2")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0 = off)")
-    g.add_argument("--eval-interval", type=int, default=250, help="evaluate every N steps (0 = once per epoch)")
-    g.add_argument("--eval-iters", type=int, default=20, help="batches per evaluation (the same batches every time)")
+    g.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (0 = once per epoch)")
+    g.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation (the same batches every time)")
     g.add_argument("--log-interval", type=int, default=10, help="read the loss on the host every N steps")
     g.add_argument("--seed", type=int, default=1337, help="seed for initialisation, batches and dropout")
 
@@ -224,8 +231,6 @@ def main(argv=None):
     master = rank == 0
     say = print if master else (lambda *a, **k: None)
     out_dir = Path(args.out_dir)
-    if master and not args.dry_run:
-        prepare_out_dir(out_dir, args)
 
     # data
     dataset = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences,
@@ -247,6 +252,8 @@ def main(argv=None):
     say(f"params: {n_params}")
     if args.dry_run:
         return {"params": n_params}
+    if master:  # only now, with the data and the model known to be good, touch the output folder
+        prepare_out_dir(out_dir, args)
     model.to(device)
     decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; biases and norms do not
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -478,11 +485,4 @@ def check_compatible(checkpoint, arch, model_config, tokenizer_state):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except OSError as error:
-        print(f"error: {error.strerror or error} ({error.filename or 'I/O'}); saved checkpoints are intact", file=sys.stderr)
-        sys.exit(1)
+    run_script(main)

@@ -1,0 +1,274 @@
+"""
+What the constant-size state buys, measured: training throughput against
+sequence length, and generation latency and state memory against context
+length, for the Transformer and New-LLM at matched parameter counts.
+
+    python bench.py --quick --json bench.json       # about 3 minutes on 2 CPU cores
+    python bench.py --quick --json results/bench.json --plot results/bench.png   # what the README shows
+    python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
+
+Models (parameters counted without the Transformer's position table, which
+only has to be long enough for the longest context measured):
+  transformer   GPT-style, 4 blocks of width 128 (the CPU-scale baseline)
+  newllm-stack  the best attention-free New-LLM (train.py --preset best-newllm-cpu),
+                trained through the parallel scan
+  newllm-seed   the seed report's model at the same size, a loop over positions;
+                also timed as the literal step-by-step definition, to show what the
+                batched token half and the single head call after the loop gain
+
+Training: tokens/s of forward + backward + AdamW step, the same number of
+tokens per step at every length (batch = tokens / length). Generation: the
+state holding `context` tokens is built directly (its contents do not change
+the cost), then `steps` tokens are generated one at a time; the state's size is
+counted tensor by tensor.
+"""
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from lab import Parser, build_model, count_params, hardware, pick_device, run_script
+
+MODELS = {
+    "transformer": dict(arch="transformer", embed_dim=128, heads=4, layers=4, dropout=0.0),
+    "newllm-stack": dict(arch="newllm", embed_dim=128, context_dim=128, hidden_dim=524, num_contexts=4, gate=True,
+                         short_conv=4, context_norm=True, pos_embed=False, dropout=0.0),
+    "newllm-seed": dict(arch="newllm", embed_dim=128, context_dim=128, hidden_dim=307, layers=8, pos_embed=False,
+                        dropout=0.0),
+}
+VOCAB = 65  # Tiny Shakespeare's characters
+
+
+def make(name, block_size, device):
+    config = dict(MODELS[name])
+    model = build_model(config.pop("arch"), vocab_size=VOCAB, block_size=block_size, **config).to(device)
+    pos = getattr(model, "pos_emb", None)
+    return model, count_params(model) - (pos.weight.numel() if pos is not None else 0)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def literal_seed_forward(model, idx, targets):
+    """The seed model exactly as SEED.md writes it: FNN([x_t ; c_{t-1}]) and the token head at every step."""
+    x = model.embed(idx)
+    context = model.core.init_state(idx.size(0), idx.device)
+    logits = []
+    for t in range(idx.size(1)):
+        h, context = model.core.step(x[:, t], context)
+        logits.append(model.head(h))
+    logits = torch.stack(logits, dim=1)
+    return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def train_throughput(model, length, tokens, device, repeats, forward=None):
+    """Tokens per second of full training steps at one sequence length."""
+    batch = max(1, tokens // length)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx = torch.randint(VOCAB, (batch, length), device=device)
+    forward = forward or (lambda i, t: model(i, t))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    times = []
+    for i in range(repeats + 1):  # the first step warms up allocators and kernels
+        sync(device)
+        start = time.perf_counter()
+        with autocast:
+            _, loss = forward(idx, idx)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if i:
+            times.append(time.perf_counter() - start)
+    return batch * length / statistics.median(times)
+
+
+def state_bytes(state):
+    """Bytes held by every tensor in a (nested) generation state."""
+    if torch.is_tensor(state):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def state_at(model, context, device):
+    """A generation state that has read `context` tokens, built directly (its values do not matter for cost)."""
+    state = model.init_state(1, device)
+    state["position"] = context
+    if "cache" in state:  # the Transformer: every layer's keys and values, one per token read
+        E, heads = model.config.embed_dim, model.config.heads
+        shape = (1, heads, context, E // heads)
+        state["cache"] = [(torch.randn(shape, device=device), torch.randn(shape, device=device)) for _ in model.blocks]
+    return state
+
+
+def rss_bytes():
+    """This process's resident memory now (Linux), else None."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * 4096
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@torch.no_grad()
+def generation(model, context, steps, device):
+    """Median seconds per generated token, the state's bytes, and memory in use, at one context length."""
+    model.eval()
+    state = state_at(model, context, device)
+    token = torch.zeros(1, dtype=torch.long, device=device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for i in range(steps + 2):
+        sync(device)
+        start = time.perf_counter()
+        logits, state = model.step(token, state)
+        token = logits.argmax(-1)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()
+    return statistics.median(times), state_bytes(state), memory
+
+
+def main(argv=None):
+    parser = Parser(prog="bench.py", description="Training throughput and generation cost against length.")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 CPU cores)")
+    parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--plot", help="also draw generation memory and latency against context length (PNG)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both models and time training at lengths 256 and 2048 only "
+                             "(each length compiles anew: minutes on a CPU)")
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    gpu = device.type == "cuda"
+    torch.manual_seed(0)
+    train_lengths = [128, 256, 512, 1024, 2048] + ([4096, 8192] if gpu else [])
+    seed_lengths = [128, 256]  # the loop over positions makes longer lengths slow to even measure
+    contexts = [256, 1024, 4096, 16384] + ([65536] if gpu else [])
+    tokens_per_step = 65536 if gpu else 8192
+    repeats = 2 if args.quick else 5
+    steps = 16 if args.quick else 64
+    results = {"device": hardware(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+               "tokens_per_step": tokens_per_step, "params": {}, "train": {}, "generate": {}}
+    if args.compile:
+        compiled_training(results, device, repeats, args.json)
+        return
+
+    print(f"bench on {results['device']}, torch {torch.__version__}")
+    print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
+    print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in train_lengths))
+    for name in MODELS:
+        lengths = seed_lengths if name == "newllm-seed" else train_lengths
+        model, params = make(name, max(train_lengths), device)
+        results["params"][name] = params
+        speeds = {n: train_throughput(model, n, tokens_per_step, device, repeats) for n in lengths}
+        results["train"][name] = speeds
+        print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
+                                                  for n in train_lengths))
+    model, _ = make("newllm-seed", max(seed_lengths), device)
+    literal = {n: train_throughput(model, n, tokens_per_step, device, repeats,
+                                   lambda i, t: literal_seed_forward(model, i, t)) for n in seed_lengths}
+    results["train"]["newllm-seed (literal loop)"] = literal
+    print(f"{'newllm-seed (literal)':<22}{'':>10}" + "".join(f"{literal[n]:>10,.0f}" if n in literal else f"{'-':>10}"
+                                                          for n in train_lengths))
+
+    print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
+    print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
+    for name in ("transformer", "newllm-stack"):
+        model, _ = make(name, max(contexts) + steps + 8, device)
+        rows = {n: generation(model, n, steps, device) for n in contexts}
+        results["generate"][name] = {n: {"s_per_token": s, "state_bytes": b, "memory_bytes": m} for n, (s, b, m) in rows.items()}
+        print(f"{name:<22}" + "".join(f"{s * 1e3:>8.2f} |{b / 2**20:>6.2f} |{(m or 0) / 2**20:>6.0f}" for s, b, m in rows.values()))
+
+    # the targets, as ratios
+    t, s = results["train"]["transformer"], results["train"]["newllm-stack"]
+    g_t, g_s = results["generate"]["transformer"], results["generate"]["newllm-stack"]
+    ratios = {
+        "stack_vs_transformer_train_256": s[256] / t[256],
+        "stack_vs_transformer_train_2048": s[2048] / t[2048],
+        "stack_state_growth_1k_to_16k": g_s[16384]["state_bytes"] / g_s[1024]["state_bytes"] - 1,
+        "stack_latency_growth_1k_to_16k": g_s[16384]["s_per_token"] / g_s[1024]["s_per_token"] - 1,
+        "transformer_state_growth_1k_to_16k": g_t[16384]["state_bytes"] / g_t[1024]["state_bytes"] - 1,
+        "transformer_latency_growth_1k_to_16k": g_t[16384]["s_per_token"] / g_t[1024]["s_per_token"] - 1,
+        "seed_optimised_vs_literal_128": results["train"]["newllm-seed"][128] / literal[128],
+        "seed_vs_stack_train_128": results["train"]["newllm-seed"][128] / s[128],
+    }
+    targets = {
+        "stack trains >= 1.0x the Transformer's tokens/s at length 256": ratios["stack_vs_transformer_train_256"] >= 1.0,
+        "stack trains >= 2x the Transformer's tokens/s at length 2048": ratios["stack_vs_transformer_train_2048"] >= 2.0,
+        "stack state within 5% from 1k to 16k tokens": abs(ratios["stack_state_growth_1k_to_16k"]) <= 0.05,
+        "stack latency within 20% from 1k to 16k tokens": abs(ratios["stack_latency_growth_1k_to_16k"]) <= 0.20,
+    }
+    results["ratios"], results["targets_met"] = ratios, targets
+    print("\nratios")
+    for key, value in ratios.items():
+        print(f"  {key:<40}{value:>8.2f}")
+    print("targets")
+    for key, met in targets.items():
+        print(f"  [{'met' if met else 'NOT met'}] {key}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_generation(results, args.plot)
+        print(f"wrote {args.plot}")
+
+
+def compiled_training(results, device, repeats, json_path):
+    """Training throughput of the compiled Transformer and stack at the two lengths the targets name."""
+    lengths = [256, 2048]
+    print(f"compiled training throughput, tokens/s ({results['tokens_per_step']} tokens per step)")
+    for name in ("transformer", "newllm-stack"):
+        model, params = make(name, max(lengths), device)
+        compiled = torch.compile(model)
+        start = time.perf_counter()
+        results["train"][name] = {n: train_throughput(model, n, results["tokens_per_step"], device, repeats,
+                                                      lambda i, t: compiled(i, t)) for n in lengths}
+        results["params"][name] = params
+        print(f"{name:<22}" + "".join(f"{n:>8}: {v:>8,.0f}" for n, v in results["train"][name].items())
+              + f"   (compiling and timing took {time.perf_counter() - start:.0f} s)")
+    t, s = results["train"]["transformer"], results["train"]["newllm-stack"]
+    results["ratios"] = {f"stack_vs_transformer_train_{n}": s[n] / t[n] for n in lengths}
+    for key, value in results["ratios"].items():
+        print(f"  {key:<40}{value:>8.2f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")
+
+
+def plot_generation(results, path):
+    """State size and per-token latency against context length, one line per model, log-log."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (memory, latency) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rows in results["generate"].items():
+        contexts = sorted(rows, key=int)
+        memory.plot(contexts, [rows[n]["state_bytes"] / 2**20 for n in contexts], "o-", label=name)
+        latency.plot(contexts, [rows[n]["s_per_token"] * 1e3 for n in contexts], "o-", label=name)
+    for ax, label in ((memory, "generation state (MiB)"), (latency, "milliseconds per generated token")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens of context already read")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.suptitle(f"Generation cost against context length ({results['device']}, {results['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    run_script(main)
