@@ -3,7 +3,7 @@ What the constant-size state buys, measured: training throughput against
 sequence length, and generation latency and state memory against context
 length, for the Transformer and New-LLM at matched parameter counts.
 
-    python bench.py --quick --json bench.json       # about 3 minutes on 2 CPU cores
+    python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
     python bench.py --quick --json results/bench.json --plot results/bench.png   # what the README shows
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
@@ -142,7 +142,7 @@ def generation(model, context, steps, device):
 
 def main(argv=None):
     parser = Parser(prog="bench.py", description="Training throughput and generation cost against length.")
-    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 3 minutes on 2 CPU cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on 2 CPU cores)")
     parser.add_argument("--json", help="also write every number to this file")
     parser.add_argument("--plot", help="also draw generation memory and latency against context length (PNG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
