@@ -106,7 +106,9 @@ def read_text_file(path):
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {error.start})") from None
     if not text.strip():
         raise UserError(f"{path} is empty or holds only whitespace")
-    return text
+    # Windows line endings (Project Gutenberg files have them) become plain newlines, so that
+    # "\r" takes neither a vocabulary entry nor a position in every line.
+    return text.replace("\r\n", "\n")
 
 
 def read_corpus(source):

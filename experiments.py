@@ -74,6 +74,16 @@ def run_rows(study, budget, rows, common_flags):
     return summaries
 
 
+def results_name(study, data):
+    """results/<study>.* for the project's own corpus, results/<study>-<corpus>.* for another one,
+    so that a check on a second text neither reuses nor overwrites the first one's runs."""
+    return study if data in ("shakespeare", "recall") else f"{study}-{slug(Path(data).stem)}"
+
+
+def corpus_label(data):
+    return "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
+
+
 def header(study, budget, device, data, started, extra=""):
     """The lines that say how a table was made."""
     data_flag = f" --data {data}" if data not in ("shakespeare", "recall") else ""
@@ -180,10 +190,11 @@ def study_improvements(args, device):
     dataset = load_dataset(args.data, "char", block_size=int(scale["common"][1]))
     rows, target = improvement_rows(scale, dataset.tokenizer.vocab_size)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
-    summaries = run_rows("improvements", args.budget, rows, common)
+    name = results_name("improvements", args.data)
+    summaries = run_rows(name, args.budget, rows, common)
     more, best = follow_up_rows(scale, summaries, rows, target, dataset.tokenizer.vocab_size)
     best["group"] = "best attention-free"
-    summaries += run_rows("improvements", args.budget, more, common)
+    summaries += run_rows(name, args.budget, more, common)
     by_group = {}
     for s in summaries:
         by_group.setdefault(s["group"], []).append(s["best_val_loss"])
@@ -206,13 +217,13 @@ def study_improvements(args, device):
         lines.append(f"- {group}: {mean:.4f} ± {spread:.4f}")
     best_mean, _ = mean_spread(by_group["best attention-free"])
     lines.append(f"- gap of the best attention-free row to the Transformer: {100 * (best_mean - reference) / reference:+.1f}%")
-    figure = RESULTS / "improvements.png"
+    figure = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     plot_runs([Path(s["out_dir"]) for s in summaries if "seed 2" not in s["name"]], figure,
-              title=f"The report's improvements, one at a time ({args.budget} budget)",
+              title=f"The report's improvements, one at a time ({args.budget} budget, {corpus_label(args.data)})",
               labels=[f"{s['name']} ({s['best_val_loss']:.3f})" for s in summaries if "seed 2" not in s["name"]])
-    lines.append("\n![curves](improvements.png)\n")
-    write_results("improvements", "\n".join(lines) + "\n", {"budget": args.budget, "target_params": target,
+    lines.append(f"\n![curves]({name}.png)\n")
+    write_results(name, "\n".join(lines) + "\n", {"budget": args.budget, "target_params": target,
                                                              "rows": summaries}, [figure])
 
 
@@ -236,11 +247,12 @@ def study_seed(args, device):
     started = time.time()
     budget = SEED_BUDGETS[args.budget]
     rows = []
-    for preset, (name, change, _) in SEED_REPORT.items():
+    for preset, (row_name, change, _) in SEED_REPORT.items():
         epochs = budget["epochs"] * (3 if preset == "seed-exp3" else 1)
-        rows.append(Row(name, ["--preset", preset, "--epochs", str(epochs)], change, extra={"preset": preset,
+        rows.append(Row(row_name, ["--preset", preset, "--epochs", str(epochs)], change, extra={"preset": preset,
                                                                                              "epochs": epochs}))
-    summaries = run_rows("seed", args.budget, rows, ["--data", args.data, "--device", args.device, *budget["eval"]])
+    name = results_name("seed", args.data)
+    summaries = run_rows(name, args.budget, rows, ["--data", args.data, "--device", args.device, *budget["eval"]])
     reference = next(s for s in summaries if s["name"] == "Transformer")["best_val_loss"]
     lines = [f"# The seed report's table, rerun on real text ({args.budget})\n",
              header("seed", args.budget, device, args.data, started,
@@ -258,12 +270,13 @@ def study_seed(args, device):
                      f"{'—' if is_reference else f'{gap:+.1f}%'} | {report_loss:.4f} | "
                      f"{'—' if is_reference else f'{report_gap:+.1f}%'} | {s['tokens_per_s']:,.0f} | "
                      f"{s['wall_s'] / 60:.1f} min |")
-    lines.append("\nTokens/s counts every position of the padded 32-token sequences.\n\n![curves](seed.png)\n")
-    figure = RESULTS / "seed.png"
+    lines.append(f"\nTokens/s counts every position of the padded 32-token sequences.\n\n![curves]({name}.png)\n")
+    figure = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
-    plot_runs([Path(s["out_dir"]) for s in summaries], figure, title=f"The seed report's runs on Tiny Shakespeare "
-              f"lines ({args.budget})", labels=[f"{s['name']} ({s['params'] / 1e6:.1f}M)" for s in summaries])
-    write_results("seed", "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
+    plot_runs([Path(s["out_dir"]) for s in summaries], figure,
+              title=f"The seed report's runs on the lines of {corpus_label(args.data)} ({args.budget})",
+              labels=[f"{s['name']} ({s['params'] / 1e6:.1f}M)" for s in summaries])
+    write_results(name, "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
 
 
 # -----------------------------------------------------------------------------

@@ -32,14 +32,16 @@ def read_run(run_dir):
 
 
 def run_label(run_dir, config):
-    return f"{Path(run_dir).name} ({config['arch']}, {config['params'] / 1e6:.2f}M params)"
+    name, arch = Path(run_dir).name, config["arch"]
+    described = name if name == arch else f"{name} ({arch})"
+    return f"{described}, {config['params'] / 1e6:.2f}M params"
 
 
 def plot_runs(run_dirs, out_path, title=None, labels=None):
     """Draw the two panels for the given runs and save them to out_path."""
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    lowest = []
+    lowest, final = [], []
     for i, run_dir in enumerate(run_dirs):
         config, log = read_run(run_dir)
         color = colors[i % len(colors)]
@@ -50,11 +52,13 @@ def plot_runs(run_dirs, out_path, title=None, labels=None):
             ax.plot(xs, [r["val_loss"] for r in log], color=color, lw=2, label=label)
             ax.plot(xs, [r["train_loss"] for r in log], color=color, lw=1, ls="--", alpha=0.6)
         lowest.append(min(min(r["val_loss"], r["train_loss"]) for r in log))
+        final.append(log[-1]["val_loss"])
     by_step.set_xlabel("step")
     by_time.set_xlabel("wall-clock minutes (evaluation included)")
     by_step.set_ylabel("loss (nats/token): validation solid, training dashed")
-    # the first evaluations (ln V at step 0) would flatten everything else; show the interesting part
-    by_step.set_ylim(min(lowest) - 0.05, min(lowest) + 1.5)
+    # the first evaluations (ln V at step 0) would flatten everything else; show the interesting
+    # part, and at least where every run ends
+    by_step.set_ylim(min(lowest) - 0.05, max(min(lowest) + 1.5, max(final) + 0.1))
     for ax in (by_step, by_time):
         ax.grid(alpha=0.3)
     by_step.legend(fontsize=8)

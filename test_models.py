@@ -12,7 +12,8 @@ import math
 import pytest
 import torch
 
-from data import BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset
+from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset,
+                  read_text_file)
 from lab import build_model, count_params, generate, load_checkpoint, model_from_checkpoint, save_checkpoint
 from newllm import MIN_KEEP, gate_floors, parallel_scan, sequential_scan
 
@@ -208,6 +209,12 @@ def test_char_tokenizer_round_trips():
     tok = CharTokenizer.from_text(text)
     assert tok.decode(tok.encode(text)) == text
     assert tok.vocab_size == len(set(text))
+
+
+def test_windows_line_endings_read_as_plain_newlines(tmp_path):
+    path = tmp_path / "gutenberg.txt"
+    path.write_bytes(b"It is a truth\r\nuniversally acknowledged.\r\n")
+    assert read_text_file(path) == "It is a truth\nuniversally acknowledged.\n"
 
 
 def test_word_tokenizer_round_trips_and_has_specials_first():

@@ -300,3 +300,31 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert len(load_checkpoint(out / "last.pt")["rng"]) == 2  # every rank's batch state, for resume
     assert result.stdout.count("params:") == 1  # only rank 0 speaks
+
+
+# -----------------------------------------------------------------------------
+# the studies
+
+
+def test_improvement_rows_match_the_transformer_within_5_percent():
+    import experiments
+    scale = experiments.IMPROVEMENT_SCALES["quick"]
+    rows, target = experiments.improvement_rows(scale, vocab_size=65)
+    assert rows[0].name == "Transformer" and len(rows) == 7
+    for row in rows[1:]:
+        params = experiments.count_for([*scale["common"], *row.flags], 65)
+        assert abs(params - target) / target < 0.05, (row.name, params, target)
+
+
+def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_path, monkeypatch):
+    import experiments
+    monkeypatch.chdir(tmp_path)  # run_rows writes runs/experiments/ under the working folder
+    name = experiments.results_name("improvements", str(corpus))
+    assert name == "improvements-corpus" and experiments.results_name("improvements", "shakespeare") == "improvements"
+    rows = [experiments.Row("tiny row", ["--arch", "newllm", *TINY])]
+    common = ["--data", str(corpus), "--max-iters", "4", "--eval-interval", "2"]
+    first = experiments.run_rows(name, "quick", rows, common)
+    log = read_log(tmp_path / "runs/experiments/improvements-corpus-quick/tiny-row")
+    assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
+    monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
+    assert experiments.run_rows(name, "quick", rows, common) == first

@@ -1,7 +1,7 @@
 """
 Train New-LLM or a Transformer on a text (or the recall task), one readable loop.
 
-    python train.py --arch newllm --context-dim 256        # the seed model, ~8 min on 2 CPU cores
+    python train.py --arch newllm --context-dim 256        # the seed model, ~6 min on 2 CPU cores
     python train.py --arch transformer                     # the matched Transformer, ~4 min
     python train.py --preset seed-baseline                 # the seed report's run, word level
     python train.py --preset best-newllm-cpu               # the best attention-free stack
