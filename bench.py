@@ -4,7 +4,8 @@ sequence length, and generation latency and state memory against context
 length, for the Transformer and New-LLM at matched parameter counts.
 
     python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
-    python bench.py --quick --json results/bench.json --plot results/bench.png   # what the README shows
+    python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~1 minute)
+    python bench.py --compile --json results/bench_compiled.json           # torch.compile (minutes to compile)
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -74,7 +75,7 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
     forward = forward or (lambda i, t: model(i, t))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     times = []
-    for i in range(repeats + 1):  # the first step warms up allocators and kernels
+    for i in range(repeats + 2):  # the first two steps warm up allocators, kernels and the optimizer state
         sync(device)
         start = time.perf_counter()
         with autocast:
@@ -83,7 +84,7 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync(device)
-        if i:
+        if i >= 2:
             times.append(time.perf_counter() - start)
     return batch * length / statistics.median(times)
 
@@ -157,7 +158,7 @@ def main(argv=None):
     seed_lengths = [128, 256]  # the loop over positions makes longer lengths slow to even measure
     contexts = [256, 1024, 4096, 16384] + ([65536] if gpu else [])
     tokens_per_step = 65536 if gpu else 8192
-    repeats = 2 if args.quick else 5
+    repeats = 3 if args.quick else 5
     steps = 16 if args.quick else 64
     results = {"device": hardware(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "tokens_per_step": tokens_per_step, "params": {}, "train": {}, "generate": {}}

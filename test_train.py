@@ -328,3 +328,17 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
     monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     assert experiments.run_rows(name, "quick", rows, common) == first
+
+
+def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
+    import bench
+    cpu = torch.device("cpu")
+    for name in ("transformer", "newllm-stack"):
+        model, _ = bench.make(name, 300, cpu)
+        state, token = model.init_state(1, cpu), torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(12):
+                _, state = model.step(token, state)
+        assert bench.state_bytes(state) == bench.state_bytes(bench.state_at(model, 12, cpu)), name
+        short, long = (bench.state_bytes(bench.state_at(model, n, cpu)) for n in (64, 256))
+        assert (long == short) if name == "newllm-stack" else (long > 3.9 * short), (name, short, long)
