@@ -56,7 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import CausalSelfAttention
+from transformer import MLP, CausalSelfAttention  # the stack's blocks reuse the Transformer's parts
 
 IGNORE = -1  # targets equal to this are not scored (padding, unasked recall positions)
 
@@ -274,16 +274,6 @@ class LocalAttention(CausalSelfAttention):
         y, (k, v) = super().step(x, cache)
         start = max(0, k.size(2) - (self.window - 1))  # keep W - 1 positions: with the next token, W in view
         return y, (k[:, :, start:], v[:, :, start:])
-
-
-class MLP(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.up = nn.Linear(config.embed_dim, config.hidden_dim)
-        self.down = nn.Linear(config.hidden_dim, config.embed_dim)
-
-    def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
 
 
 class ContextBlock(nn.Module):
