@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lab import Parser, build_model, count_params, hardware, pick_device, run_script
+from lab import Parser, build_model, count_params, hardware, pick_device, run_script, state_tensors
 
 MODELS = {
     "transformer": dict(arch="transformer", embed_dim=128, heads=4, layers=4, dropout=0.0),
@@ -91,13 +91,7 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 def state_bytes(state):
     """Bytes held by every tensor in a (nested) generation state."""
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    if isinstance(state, dict):
-        return sum(state_bytes(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_bytes(v) for v in state)
-    return 0
+    return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
 def state_at(model, context, device):

@@ -26,8 +26,9 @@ import torch
 from tqdm import tqdm
 
 import train
-from data import load_dataset
-from lab import Parser, build_model, count_params, hardware, pick_device, run_script
+from data import IGNORE, RecallTask, load_dataset
+from lab import (Parser, build_model, count_params, hardware, load_checkpoint, model_from_checkpoint, pick_device,
+                 run_script, state_tensors)
 from plot import plot_runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -311,37 +312,28 @@ def recall_rows(budget):
     return rows
 
 
+def load_model(run_dir, device):
+    return model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt", map_location=device)).to(device).eval()
+
+
 @torch.no_grad()
-def recall_accuracy(run_dir, num_pairs, budget, device, sequences=512):
+def recall_accuracy(model, num_pairs, budget, device, sequences=512):
     """Accuracy on the answer positions of fresh sequences with exactly num_pairs pairs."""
-    from data import RecallTask
-    from lab import load_checkpoint, model_from_checkpoint
-    model = model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt", map_location=device)).to(device).eval()
     task = RecallTask(budget["vocab"], num_pairs, budget["block"], budget["block"], seed=99)
     x, y = task.eval_batches("val", sequences, 1)[0]
     x, y = x.to(device), y.to(device)
     predictions = model(x)[0].argmax(-1)
-    scored = y != -1
-    state_floats = state_size(model, budget["block"], device)
-    return (predictions[scored] == y[scored]).float().mean().item(), state_floats
+    scored = y != IGNORE
+    return (predictions[scored] == y[scored]).float().mean().item()
 
 
+@torch.no_grad()
 def state_size(model, length, device):
     """Numbers in the generation state after `length` tokens."""
     state = model.init_state(1, device)
     for _ in range(length):
         _, state = model.step(torch.zeros(1, dtype=torch.long, device=device), state)
-    return count_state(state)
-
-
-def count_state(state):
-    if torch.is_tensor(state):
-        return state.numel()
-    if isinstance(state, dict):
-        return sum(count_state(v) for v in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(count_state(v) for v in state)
-    return 0
+    return sum(t.numel() for t in state_tensors(state))
 
 
 def study_recall(args, device):
@@ -354,9 +346,9 @@ def study_recall(args, device):
     rows = recall_rows(budget)
     summaries = run_rows("recall", args.budget, rows, common)
     for s in summaries:
-        s["accuracy"], s["state_floats"] = {}, None
-        for n in budget["pairs"]:
-            s["accuracy"][n], s["state_floats"] = recall_accuracy(s["out_dir"], n, budget, device)
+        model = load_model(s["out_dir"], device)
+        s["accuracy"] = {n: recall_accuracy(model, n, budget, device) for n in budget["pairs"]}
+        s["state_floats"] = state_size(model, budget["block"], device)
     lines = [f"# Associative recall against facts and state size ({args.budget})\n",
              header("recall", args.budget, device, "recall", started,
                     f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "

@@ -180,6 +180,18 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None):
     return torch.cat(out, dim=1)
 
 
+def state_tensors(state):
+    """Every tensor in a (nested) generation state: context vectors, conv windows, a KV cache."""
+    if torch.is_tensor(state):
+        yield state
+    elif isinstance(state, dict):
+        for value in state.values():
+            yield from state_tensors(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from state_tensors(value)
+
+
 def hardware(device):
     """A short description of where a run happened, for results tables."""
     if device.type == "cuda":

@@ -56,9 +56,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from transformer import MLP, CausalSelfAttention  # the stack's blocks reuse the Transformer's parts
-
-IGNORE = -1  # targets equal to this are not scored (padding, unasked recall positions)
+from transformer import IGNORE, MLP, CausalSelfAttention  # the stack reuses the Transformer's parts
 
 # -----------------------------------------------------------------------------
 # the scan: c_t = a_t * c_{t-1} + b_t with c_0 = 0, given log a_t (>= log MIN_KEEP) and b_t
@@ -181,7 +179,8 @@ class SeedCell(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# the stack's pieces: a context mixer, an optional local attention, an MLP
+# the stack's pieces: a short convolution, a context mixer, an optional local attention
+# (the MLP is the Transformer's)
 
 
 class ShortConv(nn.Module):
@@ -376,10 +375,6 @@ class NewLLMConfig:
             raise ValueError("--short-conv and --local-window must be 0 (off) or positive")
         if self.local_window and self.embed_dim % self.heads:
             raise ValueError(f"--heads {self.heads} must divide --embed-dim {self.embed_dim}")
-
-    @property
-    def attention_free(self):
-        return self.local_window == 0
 
 
 class NewLLM(nn.Module):

@@ -7,7 +7,6 @@ Transformer its KV cache.
     python sample.py --ckpt runs/transformer/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 20
 """
 
-
 import torch
 
 from data import tokenizer_from_state
