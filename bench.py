@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from lab import Parser, build_model, count_params, hardware, pick_device, run_script, state_tensors
+from lab import Parser, UserError, build_model, count_params, hardware, pick_device, run_script, state_tensors
 
 MODELS = {
     "transformer": dict(arch="transformer", embed_dim=128, heads=4, layers=4, dropout=0.0),
@@ -145,6 +145,9 @@ def main(argv=None):
                         help="torch.compile both models and time training at lengths 256 and 2048 only "
                              "(each length compiles anew: minutes on a CPU)")
     args = parser.parse_args(argv)
+    for path in filter(None, (args.json, args.plot)):  # refuse now, not after minutes of measuring
+        if not Path(path).resolve().parent.is_dir():
+            raise UserError(f"cannot write {path}: its folder does not exist")
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     torch.manual_seed(0)

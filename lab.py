@@ -32,16 +32,16 @@ class UserError(Exception):
     """A mistake in what the user asked for. Scripts print it as one line and exit 2."""
 
 
-def run_script(main):
-    """Run a script's main(): a user's mistake or an I/O failure ends as one line on stderr, no traceback."""
+def run_script(main, io_note=""):
+    """Run a script's main(): a user's mistake or an I/O failure ends as one line on stderr, no traceback.
+    io_note is added to an I/O failure's line (train.py: its checkpoints are written atomically)."""
     try:
         main()
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except OSError as error:
-        print(f"error: {error.strerror or error} ({error.filename or 'I/O'}); saved checkpoints are intact",
-              file=sys.stderr)
+        print(f"error: {error.strerror or error} ({error.filename or 'I/O'}){io_note}", file=sys.stderr)
         sys.exit(1)
 
 

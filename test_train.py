@@ -342,3 +342,8 @@ def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
         assert bench.state_bytes(state) == bench.state_bytes(bench.state_at(model, 12, cpu)), name
         short, long = (bench.state_bytes(bench.state_at(model, n, cpu)) for n in (64, 256))
         assert (long == short) if name == "newllm-stack" else (long > 3.9 * short), (name, short, long)
+
+
+def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
+    result = cli("bench.py", "--quick", "--json", tmp_path / "missing" / "bench.json")
+    assert_one_line_error(result, "its folder does not exist")

@@ -485,4 +485,4 @@ def check_compatible(checkpoint, arch, model_config, tokenizer_state):
 
 
 if __name__ == "__main__":
-    run_script(main)
+    run_script(main, io_note="; saved checkpoints are intact")
