@@ -11,8 +11,10 @@ length, for the Transformer and New-LLM at matched parameter counts.
 Models (parameters counted without the Transformer's position table, which
 only has to be long enough for the longest context measured):
   transformer   GPT-style, 4 blocks of width 128 (the CPU-scale baseline)
-  newllm-stack  the best attention-free New-LLM (train.py --preset best-newllm-cpu),
-                trained through the parallel scan
+  newllm-stack  the best vector stack (train.py --preset best-newllm-cpu), trained
+                through the parallel scan (scan.py)
+  matrix-stack  the context-matrix stack (--preset best-matrix-cpu), trained through
+                the chunked delta rule (delta_rule.py)
   newllm-seed   the seed report's model at the same size, a loop over positions;
                 also timed as the literal step-by-step definition, to show what the
                 batched token half and the single head call after the loop gain
@@ -31,12 +33,14 @@ from pathlib import Path
 
 import torch
 
-from lab import Parser, UserError, build_model, count_params, hardware, pick_device, run_script, state_tensors
+from cli import Parser, UserError, hardware, pick_device, run_script
+from models import build_model, count_params, state_bytes
+from presets import model_settings
 
 MODELS = {
-    "transformer": dict(arch="transformer", embed_dim=128, heads=4, layers=4, dropout=0.0),
-    "newllm-stack": dict(arch="newllm", embed_dim=128, context_dim=128, hidden_dim=524, num_contexts=4, gate=True,
-                         short_conv=4, context_norm=True, pos_embed=False, dropout=0.0),
+    "transformer": model_settings("transformer-cpu", dropout=0.0),
+    "newllm-stack": model_settings("best-newllm-cpu", dropout=0.0),
+    "matrix-stack": model_settings("best-matrix-cpu", dropout=0.0),
     "newllm-seed": dict(arch="newllm", embed_dim=128, context_dim=128, hidden_dim=307, layers=8, pos_embed=False,
                         dropout=0.0),
 }
@@ -58,10 +62,10 @@ def sync(device):
 def literal_seed_forward(model, idx, targets):
     """The seed model exactly as SEED.md writes it: FNN([x_t ; c_{t-1}]) and the token head at every step."""
     x = model.embed(idx)
-    context = model.core.init_state(idx.size(0), idx.device)
+    context = model.cell.init_state(idx.size(0), idx.device)
     logits = []
     for t in range(idx.size(1)):
-        h, context = model.core.step(x[:, t], context)
+        h, context = model.cell.step(x[:, t], context)
         logits.append(model.head(h))
     logits = torch.stack(logits, dim=1)
     return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
@@ -87,11 +91,6 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
         if i >= 2:
             times.append(time.perf_counter() - start)
     return batch * length / statistics.median(times)
-
-
-def state_bytes(state):
-    """Bytes held by every tensor in a (nested) generation state."""
-    return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
 def state_at(model, context, device):
@@ -164,56 +163,14 @@ def main(argv=None):
         return
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
-    print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
-    print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in train_lengths))
-    for name in MODELS:
-        lengths = seed_lengths if name == "newllm-seed" else train_lengths
-        model, params = make(name, max(train_lengths), device)
-        results["params"][name] = params
-        speeds = {n: train_throughput(model, n, tokens_per_step, device, repeats) for n in lengths}
-        results["train"][name] = speeds
-        print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
-                                                  for n in train_lengths))
-    model, _ = make("newllm-seed", max(seed_lengths), device)
-    literal = {n: train_throughput(model, n, tokens_per_step, device, repeats,
-                                   lambda i, t: literal_seed_forward(model, i, t)) for n in seed_lengths}
-    results["train"]["newllm-seed (literal loop)"] = literal
-    print(f"{'newllm-seed (literal)':<22}{'':>10}" + "".join(f"{literal[n]:>10,.0f}" if n in literal else f"{'-':>10}"
-                                                          for n in train_lengths))
-
-    print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
-    print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
-    for name in ("transformer", "newllm-stack"):
-        model, _ = make(name, max(contexts) + steps + 8, device)
-        rows = {n: generation(model, n, steps, device) for n in contexts}
-        results["generate"][name] = {n: {"s_per_token": s, "state_bytes": b, "memory_bytes": m} for n, (s, b, m) in rows.items()}
-        print(f"{name:<22}" + "".join(f"{s * 1e3:>8.2f} |{b / 2**20:>6.2f} |{(m or 0) / 2**20:>6.0f}" for s, b, m in rows.values()))
-
-    # the targets, as ratios
-    t, s = results["train"]["transformer"], results["train"]["newllm-stack"]
-    g_t, g_s = results["generate"]["transformer"], results["generate"]["newllm-stack"]
-    ratios = {
-        "stack_vs_transformer_train_256": s[256] / t[256],
-        "stack_vs_transformer_train_2048": s[2048] / t[2048],
-        "stack_state_growth_1k_to_16k": g_s[16384]["state_bytes"] / g_s[1024]["state_bytes"] - 1,
-        "stack_latency_growth_1k_to_16k": g_s[16384]["s_per_token"] / g_s[1024]["s_per_token"] - 1,
-        "transformer_state_growth_1k_to_16k": g_t[16384]["state_bytes"] / g_t[1024]["state_bytes"] - 1,
-        "transformer_latency_growth_1k_to_16k": g_t[16384]["s_per_token"] / g_t[1024]["s_per_token"] - 1,
-        "seed_optimised_vs_literal_128": results["train"]["newllm-seed"][128] / literal[128],
-        "seed_vs_stack_train_128": results["train"]["newllm-seed"][128] / s[128],
-    }
-    targets = {
-        "stack trains >= 1.0x the Transformer's tokens/s at length 256": ratios["stack_vs_transformer_train_256"] >= 1.0,
-        "stack trains >= 2x the Transformer's tokens/s at length 2048": ratios["stack_vs_transformer_train_2048"] >= 2.0,
-        "stack state within 5% from 1k to 16k tokens": abs(ratios["stack_state_growth_1k_to_16k"]) <= 0.05,
-        "stack latency within 20% from 1k to 16k tokens": abs(ratios["stack_latency_growth_1k_to_16k"]) <= 0.20,
-    }
-    results["ratios"], results["targets_met"] = ratios, targets
+    measure_training(results, train_lengths, seed_lengths, device, repeats)
+    measure_generation(results, contexts, steps, device)
+    results["ratios"], results["targets_met"] = ratios_and_targets(results)
     print("\nratios")
-    for key, value in ratios.items():
+    for key, value in results["ratios"].items():
         print(f"  {key:<40}{value:>8.2f}")
     print("targets")
-    for key, met in targets.items():
+    for key, met in results["targets_met"].items():
         print(f"  [{'met' if met else 'NOT met'}] {key}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -223,11 +180,78 @@ def main(argv=None):
         print(f"wrote {args.plot}")
 
 
+def measure_training(results, lengths, seed_lengths, device, repeats):
+    """Training tokens/s of every model at every length, and of the report's model as its literal loop."""
+    tokens_per_step = results["tokens_per_step"]
+    print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
+    print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in lengths))
+    for name in MODELS:
+        model, params = make(name, max(lengths), device)
+        results["params"][name] = params
+        speeds = {n: train_throughput(model, n, tokens_per_step, device, repeats)
+                  for n in (seed_lengths if name == "newllm-seed" else lengths)}
+        results["train"][name] = speeds
+        print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
+                                                  for n in lengths))
+    model, _ = make("newllm-seed", max(seed_lengths), device)
+    literal = {n: train_throughput(model, n, tokens_per_step, device, repeats,
+                                   lambda i, t: literal_seed_forward(model, i, t)) for n in seed_lengths}
+    results["train"]["newllm-seed (literal loop)"] = literal
+    print(f"{'newllm-seed (literal)':<22}{'':>10}" + "".join(f"{literal[n]:>10,.0f}" if n in literal else f"{'-':>10}"
+                                                          for n in lengths))
+
+
+def measure_generation(results, contexts, steps, device):
+    """Per-token latency, state size and memory of generation after `context` tokens, for each model."""
+    gpu = device.type == "cuda"
+    print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
+    print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
+    for name in ("transformer", "newllm-stack", "matrix-stack"):
+        model, _ = make(name, max(contexts) + steps + 8, device)
+        rows = {n: generation(model, n, steps, device) for n in contexts}
+        results["generate"][name] = {n: {"s_per_token": s, "state_bytes": b, "memory_bytes": m}
+                                     for n, (s, b, m) in rows.items()}
+        print(f"{name:<22}" + "".join(f"{s * 1e3:>8.2f} |{b / 2**20:>6.2f} |{(m or 0) / 2**20:>6.0f}"
+                                      for s, b, m in rows.values()))
+
+
+def ratios_and_targets(results):
+    """The numbers the targets are stated in (ratios to the Transformer, growth from 1k to 16k), and each verdict."""
+    t, s, m = (results["train"][name] for name in ("transformer", "newllm-stack", "matrix-stack"))
+    seed, literal = results["train"]["newllm-seed"], results["train"]["newllm-seed (literal loop)"]
+    growth = {name: {what: rows[16384][key] / rows[1024][key] - 1 for what, key in (("state", "state_bytes"),
+                                                                                  ("latency", "s_per_token"))}
+              for name, rows in results["generate"].items()}
+    ratios = {
+        "stack_vs_transformer_train_256": s[256] / t[256],
+        "stack_vs_transformer_train_2048": s[2048] / t[2048],
+        "matrix_vs_transformer_train_256": m[256] / t[256],
+        "matrix_vs_transformer_train_2048": m[2048] / t[2048],
+        **{f"{short}_{what}_growth_1k_to_16k": growth[name][what] for short, name in
+           (("stack", "newllm-stack"), ("matrix", "matrix-stack"), ("transformer", "transformer"))
+           for what in ("state", "latency")},
+        "seed_optimised_vs_literal_128": seed[128] / literal[128],
+        "seed_vs_stack_train_128": seed[128] / s[128],
+    }
+    targets = {
+        "stack trains >= 1.0x the Transformer's tokens/s at length 256": ratios["stack_vs_transformer_train_256"] >= 1.0,
+        "stack trains >= 2x the Transformer's tokens/s at length 2048": ratios["stack_vs_transformer_train_2048"] >= 2.0,
+        "matrix trains >= 0.8x the Transformer's tokens/s at length 256": ratios["matrix_vs_transformer_train_256"] >= 0.8,
+        "matrix trains >= 1.5x the Transformer's tokens/s at length 2048":
+            ratios["matrix_vs_transformer_train_2048"] >= 1.5,
+    }
+    for short in ("stack", "matrix"):
+        targets[f"{short} state within 5% from 1k to 16k tokens"] = abs(ratios[f"{short}_state_growth_1k_to_16k"]) <= 0.05
+        targets[f"{short} latency within 20% from 1k to 16k tokens"] = \
+            abs(ratios[f"{short}_latency_growth_1k_to_16k"]) <= 0.20
+    return ratios, targets
+
+
 def compiled_training(results, device, repeats, json_path):
     """Training throughput of the compiled Transformer and stack at the two lengths the targets name."""
     lengths = [256, 2048]
     print(f"compiled training throughput, tokens/s ({results['tokens_per_step']} tokens per step)")
-    for name in ("transformer", "newllm-stack"):
+    for name in ("transformer", "newllm-stack", "matrix-stack"):
         model, params = make(name, max(lengths), device)
         compiled = torch.compile(model)
         start = time.perf_counter()
@@ -236,8 +260,9 @@ def compiled_training(results, device, repeats, json_path):
         results["params"][name] = params
         print(f"{name:<22}" + "".join(f"{n:>8}: {v:>8,.0f}" for n, v in results["train"][name].items())
               + f"   (compiling and timing took {time.perf_counter() - start:.0f} s)")
-    t, s = results["train"]["transformer"], results["train"]["newllm-stack"]
-    results["ratios"] = {f"stack_vs_transformer_train_{n}": s[n] / t[n] for n in lengths}
+    t = results["train"]["transformer"]
+    results["ratios"] = {f"{short}_vs_transformer_train_{n}": results["train"][name][n] / t[n] for n in lengths
+                         for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))}
     for key, value in results["ratios"].items():
         print(f"  {key:<40}{value:>8.2f}")
     if json_path:

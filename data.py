@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from lab import UserError
+from checkpoint import atomic_write
+from cli import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_BYTES = 1115394
@@ -41,7 +42,7 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 CACHE_DIR = Path(__file__).resolve().parent / "data"
 SHAKESPEARE_PATH = CACHE_DIR / "tinyshakespeare.txt"
 
-IGNORE = -1  # target value that the loss skips
+IGNORE = -1  # target value that the loss skips (every model's loss: newllm.language_model_loss)
 SPECIALS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]  # word ids 0-3, as in the seed report
 PAD, UNK, BOS, EOS = range(4)
 
@@ -64,9 +65,7 @@ def download_shakespeare(attempts=3):
             if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
                 reason = f"got {len(data):,} bytes that fail the size/checksum test"
             else:
-                tmp = SHAKESPEARE_PATH.with_suffix(".tmp")
-                tmp.write_bytes(data)
-                tmp.replace(SHAKESPEARE_PATH)  # atomic: the cache is whole or absent
+                atomic_write(SHAKESPEARE_PATH, lambda f: f.write(data))  # the cache is whole or absent
                 return
         except OSError as error:  # URLError, timeouts and resets are all OSErrors
             reason = str(getattr(error, "reason", error))
@@ -421,11 +420,18 @@ class RecallTask:
 
 def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_size=128, sentences=False,
                  seed=1337, recall_vocab=256, recall_pairs=(8,), recall_queries=8):
-    """Everything train.py needs from --data ... flags: a dataset with .tokenizer and batches."""
+    """Everything train.py needs from --data ... flags: a dataset with .tokenizer, .identity and batches.
+
+    identity says which text the batches come from (its length and SHA-256, or the recall
+    task's settings); a resumed run checks it, so it never silently trains on another text.
+    """
     if block_size < 1:
         raise UserError("--block-size must be positive")
     if data == "recall":
-        return RecallTask(recall_vocab, recall_pairs, recall_queries, block_size, seed)
+        dataset = RecallTask(recall_vocab, recall_pairs, recall_queries, block_size, seed)
+        dataset.identity = {"data": "recall", "vocab": recall_vocab, "pairs": list(dataset.pairs),
+                            "queries": recall_queries}
+        return dataset
     text = read_corpus(data)
     if tokenizer == "char":
         tok = CharTokenizer.from_text(text)
@@ -433,15 +439,18 @@ def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_si
         tok = WordTokenizer.from_text(text, vocab_size)
     else:
         raise UserError(f"unknown tokenizer '{tokenizer}' (choose char or word)")
-    if sentences:
-        return SentenceSet(text, tok, block_size, seed)
-    return TokenStream(tok.encode(text), tok, block_size, seed)
+    dataset = SentenceSet(text, tok, block_size, seed) if sentences else TokenStream(tok.encode(text), tok, block_size, seed)
+    dataset.identity = {"data": corpus_name(data), "chars": len(text), "sha256": _sha256(text.encode("utf-8"))}
+    return dataset
+
+
+def corpus_name(data):
+    return Path(data).name if data not in ("shakespeare", "recall") else data
 
 
 def describe(data, dataset):
     """The one line of corpus statistics the scripts print."""
-    name = Path(data).name if data not in ("shakespeare", "recall") else data
-    return f"data: {name}: {dataset.summary()}"
+    return f"data: {corpus_name(data)}: {dataset.summary()}"
 
 
 if __name__ == "__main__":

@@ -26,9 +26,10 @@ import torch
 from tqdm import tqdm
 
 import train
+from checkpoint import load_checkpoint
+from cli import Parser, hardware, pick_device, run_script
 from data import IGNORE, RecallTask, load_dataset
-from lab import (Parser, build_model, count_params, hardware, load_checkpoint, model_from_checkpoint, pick_device,
-                 run_script, state_tensors)
+from models import build_model, count_params, model_from_checkpoint, state_size
 from plot import plot_runs
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -126,7 +127,7 @@ def matched_hidden(flags, target, vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# study 1: the report's four improvements, added one at a time (README "Closing the gap")
+# study 1: the report's four improvements, added one at a time, then the context matrix
 
 IMPROVEMENT_SCALES = {
     # quick: nanoGPT's CPU scale (~0.8M parameters); 10 rows on 2 cores in 25 minutes leave
@@ -134,55 +135,66 @@ IMPROVEMENT_SCALES = {
     "quick": dict(common=["--block-size", "128", "--batch-size", "32", "--max-iters", "400", "--lr", "2e-3",
                           "--eval-interval", "100", "--eval-iters", "10", "--dropout", "0.1"],
                   transformer=["--embed-dim", "128", "--heads", "4", "--layers", "4"],
-                  width=128, stack_depth=4, window=16),
+                  width=128, stack_depth=4, window=16, matrix_heads=2),
     # full: nanoGPT's Shakespeare model (~10.7M parameters), 5,000 steps of 64 x 256 characters.
     "full": dict(common=["--block-size", "256", "--batch-size", "64", "--max-iters", "5000", "--lr", "1e-3",
                          "--eval-interval", "250", "--eval-iters", "20", "--dropout", "0.2"],
                  transformer=["--embed-dim", "384", "--heads", "6", "--layers", "6"],
-                 width=384, stack_depth=6, window=32),
+                 width=384, stack_depth=6, window=32, matrix_heads=6),
 }
 
 
 def improvement_rows(scale, vocab_size):
-    """The Transformer, then the report's improvements added one at a time, each matched in parameters."""
+    """The Transformer, then the report's improvements added one at a time, each matched in parameters;
+    last, the context matrix in place of the best vector stack's context vectors."""
     width, depth = str(scale["width"]), str(scale["stack_depth"])
     transformer = ["--arch", "transformer", *scale["transformer"]]
     target = count_for([*scale["common"], *transformer], vocab_size)
     seed = ["--arch", "newllm", "--embed-dim", width, "--context-dim", width, "--layers", "8"]
-    stack = ["--arch", "newllm", "--embed-dim", width, "--context-dim", width, "--num-contexts", depth,
-             "--no-pos-embed", "--gate", "--context-norm"]
+    stack = ["--arch", "stack", "--embed-dim", width, "--context-dim", width, "--layers", depth, "--mixer", "vector",
+             "--no-pos-embed", "--gate", "--context-norm", "--short-conv", "0"]
+    conv = [*stack[:-1], "4"]
     steps = [  # (row name, flags, what it adds), cumulative
-        ("seed New-LLM", seed, "SEED.md's model: one context, additive update, FNN of 8 layers"),
+        ("seed New-LLM", seed, "the report's model: one context, additive update, FNN of 8 layers"),
         ("+ context norm", [*seed, "--context-norm"], "LayerNorm on the context after every update"),
         ("+ gate", [*seed, "--context-norm", "--gate"], "c = a*c + (1-a)*v instead of c + delta"),
         ("+ several contexts (stack)", stack,
          f"{depth} residual blocks, one context each; gates read the input only, so the parallel scan trains it"),
-        ("+ short conv", [*stack, "--short-conv", "4"], "each context reads the last 4 inputs (token shift)"),
-        ("+ timescales", [*stack, "--short-conv", "4", "--timescales"], "per-channel gate floors: fast and slow memories"),
+        ("+ short conv", conv, "each context reads the last 4 inputs (token shift)"),
+        ("+ timescales", [*conv, "--timescales"], "per-channel gate floors: fast and slow memories"),
+        ("context matrix", [*("matrix" if flag == "vector" else flag for flag in conv),
+                            "--context-heads", str(scale["matrix_heads"])],
+         f"the short-conv stack with {scale['matrix_heads']} delta-rule context matrices per block in place of its vector"),
     ]
     rows = [Row("Transformer", transformer, "GPT-style decoder, the baseline", group="Transformer")]
     for name, flags, note in steps:
         matched = matched_hidden([*scale["common"], *flags], target, vocab_size)[len(scale["common"]):]
-        rows.append(Row(name, matched, note, extra={"stack": "--num-contexts" in flags}))
+        mixer = flags[flags.index("--mixer") + 1] if "--mixer" in flags else None
+        rows.append(Row(name, matched, note, group="context matrix" if mixer == "matrix" else name,
+                        extra={"mixer": mixer}))
     return rows, target
 
 
 def follow_up_rows(scale, summaries, rows, target, vocab_size):
-    """Rows that depend on the results: the hybrid on top of the best attention-free row, and second seeds."""
-    stack_rows = [(s, r) for s, r in zip(summaries, rows) if r.extra.get("stack")]
-    best_summary, best = min(stack_rows, key=lambda pair: pair[0]["best_val_loss"])
+    """Rows that depend on the results: the hybrid on top of the best attention-free row, and second seeds
+    of the Transformer, the best vector stack and the context matrix."""
+    stacks = [(s, r) for s, r in zip(summaries, rows) if r.extra.get("mixer")]
+    best_summary, best = min(stacks, key=lambda pair: pair[0]["best_val_loss"])
+    _, best_vector = min(((s, r) for s, r in stacks if r.extra["mixer"] == "vector"),
+                         key=lambda pair: pair[0]["best_val_loss"])
+    matrix = next(r for r in rows if r.extra.get("mixer") == "matrix")
     base = best.flags[: best.flags.index("--hidden-dim")]
     hybrid = matched_hidden([*scale["common"], *base, "--local-window", str(scale["window"]), "--heads", "4"],
                             target, vocab_size)[len(scale["common"]):]
-    transformer = rows[0]
     return [
         Row("hybrid: best + local attention", hybrid,
             f"{best.name.lstrip('+ ')} row plus sliding-window attention over the last {scale['window']} positions "
             "(not attention-free)"),
-        Row("Transformer (seed 2)", [*transformer.flags, "--seed", "2"], "", group="Transformer"),
-        Row(f"best attention-free: {best.name.lstrip('+ ')} (seed 2)", [*best.flags, "--seed", "2"],
-            "the lowest attention-free row, second seed", group="best attention-free"),
-    ], best_summary
+        Row("Transformer (seed 2)", [*rows[0].flags, "--seed", "2"], "", group="Transformer"),
+        Row(f"{best_vector.name} (seed 2)", [*best_vector.flags, "--seed", "2"], "the best vector stack, second seed",
+            group=best_vector.group),
+        Row("context matrix (seed 2)", [*matrix.flags, "--seed", "2"], "", group="context matrix"),
+    ], best_vector.group
 
 
 def study_improvements(args, device):
@@ -193,8 +205,7 @@ def study_improvements(args, device):
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     name = results_name("improvements", args.data)
     summaries = run_rows(name, args.budget, rows, common)
-    more, best = follow_up_rows(scale, summaries, rows, target, dataset.tokenizer.vocab_size)
-    best["group"] = "best attention-free"
+    more, best_vector = follow_up_rows(scale, summaries, rows, target, dataset.tokenizer.vocab_size)
     summaries += run_rows(name, args.budget, more, common)
     by_group = {}
     for s in summaries:
@@ -210,14 +221,13 @@ def study_improvements(args, device):
         gap = 100 * (s["best_val_loss"] - reference) / reference
         lines.append(f"| {s['name']} | {s['params']:,} | {s['best_val_loss']:.4f} | {gap:+.1f}% | "
                      f"{s['tokens_per_s']:,.0f} | {s['wall_s'] / 60:.1f} min | {s['note']} |")
-    lines.append("\nThe gap is to the mean of the two Transformer seeds. The best attention-free row is picked "
-                 "by its validation loss, then trained again with a second seed; the hybrid is built on it.\n")
+    lines.append("\nThe gap is to the mean of the two Transformer seeds. The best vector stack and the context "
+                 "matrix are trained again with a second seed; the hybrid is built on the best attention-free row.\n")
     lines.append("Seeds (mean ± half-range over seeds 1337 and 2):\n")
-    for group in ("Transformer", "best attention-free"):
+    for group in ("Transformer", best_vector, "context matrix"):
         mean, spread = mean_spread(by_group[group])
-        lines.append(f"- {group}: {mean:.4f} ± {spread:.4f}")
-    best_mean, _ = mean_spread(by_group["best attention-free"])
-    lines.append(f"- gap of the best attention-free row to the Transformer: {100 * (best_mean - reference) / reference:+.1f}%")
+        gap = "" if group == "Transformer" else f" ({100 * (mean - reference) / reference:+.1f}% vs the Transformer)"
+        lines.append(f"- {group}: {mean:.4f} ± {spread:.4f}{gap}")
     figure = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     plot_runs([Path(s["out_dir"]) for s in summaries if "seed 2" not in s["name"]], figure,
@@ -225,13 +235,13 @@ def study_improvements(args, device):
               labels=[f"{s['name']} ({s['best_val_loss']:.3f})" for s in summaries if "seed 2" not in s["name"]])
     lines.append(f"\n![curves]({name}.png)\n")
     write_results(name, "\n".join(lines) + "\n", {"budget": args.budget, "target_params": target,
-                                                             "rows": summaries}, [figure])
+                                                   "rows": summaries}, [figure])
 
 
 # -----------------------------------------------------------------------------
-# study 2: the seed report's table on real text (README "Does the report's conclusion hold?")
+# study 2: the seed report's table on real text
 
-SEED_REPORT = {  # SEED.md's own numbers, for comparison
+SEED_REPORT = {  # the report's own numbers (REPORT.md), for comparison
     "seed-baseline": ("baseline", "context_dim 256, hidden 512, layers 8", 5.6358),
     "seed-exp1": ("exp 1", "context_dim 256 -> 512", 5.6572),
     "seed-exp2": ("exp 2", "hidden 512 -> 1024, layers 8 -> 10 (context 512)", 5.7088),
@@ -281,34 +291,45 @@ def study_seed(args, device):
 
 
 # -----------------------------------------------------------------------------
-# study 3: associative recall against the number of facts and the state size (README "Recall")
+# study 3: associative recall against the number of facts and the state size
 
 RECALL_BUDGETS = {
-    # quick: sequences of 64 tokens holding 1-16 pairs, 1,500 steps of 32 sequences per model
+    # quick: sequences of 64 tokens holding 1-16 pairs, 1,500 steps of 32 sequences per model; afterwards the
+    # models without a position table also answer longer sequences with more pairs than they were trained on
     "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, width=64, sizes=[32, 64, 128, 256, 512],
-                  default_size=64, window=8),
-    # full: 256 tokens holding 4-64 pairs, as in the issue; 5,000 steps
+                  default_size=64, matrix_heads=[16, 8, 4, 2, 1], default_heads=2, window=8,
+                  longer=[(128, 24), (256, 31)]),
+    # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
-                 sizes=[32, 64, 128, 256, 512, 1024], default_size=128, window=16),
+                 sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
+                 window=16, longer=[(512, 96), (1024, 127)]),
 }
 
 
 def recall_rows(budget):
-    width = str(budget["width"])
+    """The Transformer; the report's model, the vector stack and the hybrid at growing context sizes; the
+    context matrix at one width with fewer, larger heads (the same parameters, a growing state)."""
+    width, hidden = str(budget["width"]), str(2 * budget["width"])
     common_model = ["--embed-dim", width, "--dropout", "0.0"]
-    stack = ["--arch", "newllm", *common_model, "--num-contexts", "2", "--gate", "--short-conv", "4",
-             "--context-norm", "--no-pos-embed", "--hidden-dim", str(2 * budget["width"])]  # the improvements' best
+    stack = ["--arch", "stack", *common_model, "--layers", "2", "--gate", "--short-conv", "4", "--context-norm",
+             "--no-pos-embed", "--hidden-dim", hidden]  # the improvements study's best, two blocks
     models = {
-        "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", str(2 * budget["width"])],
-        "best attention-free": stack,
-        "hybrid (local window)": [*stack, "--local-window", str(budget["window"]), "--heads", "4"],
+        "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", hidden],
+        "vector stack": [*stack, "--mixer", "vector"],
+        "hybrid (local window)": [*stack, "--mixer", "vector", "--local-window", str(budget["window"]), "--heads", "4"],
     }
     rows = [Row("Transformer", ["--arch", "transformer", *common_model, "--heads", "4", "--layers", "2",
-                                "--init", "torch"], extra={"model": "Transformer", "context_dim": None})]
+                                "--init", "torch"], extra={"model": "Transformer", "size": "—", "default": True})]
     for model, flags in models.items():
         for size in budget["sizes"]:
             rows.append(Row(f"{model}, context {size}", [*flags, "--context-dim", str(size)],
-                            extra={"model": model, "context_dim": size}))
+                            extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]}))
+    for heads in budget["matrix_heads"]:
+        d = budget["width"] // heads
+        rows.append(Row(f"context matrix, {heads} heads", [*stack, "--mixer", "matrix", "--context-dim", width,
+                                                            "--context-heads", str(heads)],
+                        extra={"model": "context matrix", "size": f"{heads} x {d}x{d}",
+                               "default": heads == budget["default_heads"]}))
     return rows
 
 
@@ -317,23 +338,26 @@ def load_model(run_dir, device):
 
 
 @torch.no_grad()
-def recall_accuracy(model, num_pairs, budget, device, sequences=512):
-    """Accuracy on the answer positions of fresh sequences with exactly num_pairs pairs."""
-    task = RecallTask(budget["vocab"], num_pairs, budget["block"], budget["block"], seed=99)
-    x, y = task.eval_batches("val", sequences, 1)[0]
-    x, y = x.to(device), y.to(device)
-    predictions = model(x)[0].argmax(-1)
-    scored = y != IGNORE
-    return (predictions[scored] == y[scored]).float().mean().item()
+def recall_accuracy(model, num_pairs, vocab, length, device, sequences=512):
+    """Accuracy on the answer positions of fresh sequences of `length` tokens with exactly num_pairs pairs."""
+    task = RecallTask(vocab, num_pairs, length, length, seed=99)
+    scored_right, scored = 0, 0
+    for x, y in task.eval_batches("val", 64, sequences // 64):
+        x, y = x.to(device), y.to(device)
+        predictions = model(x)[0].argmax(-1)
+        mask = y != IGNORE
+        scored_right += (predictions[mask] == y[mask]).sum().item()
+        scored += mask.sum().item()
+    return scored_right / scored
 
 
 @torch.no_grad()
-def state_size(model, length, device):
+def state_floats(model, length, device):
     """Numbers in the generation state after `length` tokens."""
     state = model.init_state(1, device)
     for _ in range(length):
         _, state = model.step(torch.zeros(1, dtype=torch.long, device=device), state)
-    return sum(t.numel() for t in state_tensors(state))
+    return state_size(state)
 
 
 def study_recall(args, device):
@@ -343,29 +367,50 @@ def study_recall(args, device):
               ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
               str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", "2e-3",
               "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
-    rows = recall_rows(budget)
-    summaries = run_rows("recall", args.budget, rows, common)
-    for s in summaries:
+    summaries = run_rows("recall", args.budget, recall_rows(budget), common)
+    for s in tqdm(summaries, desc="measuring recall", unit="model"):
         model = load_model(s["out_dir"], device)
-        s["accuracy"] = {n: recall_accuracy(model, n, budget, device) for n in budget["pairs"]}
-        s["state_floats"] = state_size(model, budget["block"], device)
-    lines = [f"# Associative recall against facts and state size ({args.budget})\n",
-             header("recall", args.budget, device, "recall", started,
-                    f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
-                    f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
-                    "sequences; accuracy on 512 fresh sequences per pair count (chance: 1 in "
-                    f"{budget['vocab'] // 2})."),
-             "| model | context dim | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
-             + " |", "|---|---|---|---|" + "---|" * len(budget["pairs"])]
-    for s in summaries:
-        accuracies = " | ".join(f"{100 * s['accuracy'][n]:.0f}%" for n in budget["pairs"])
-        context = s["extra"]["context_dim"] or "—"
-        lines.append(f"| {s['extra']['model']} | {context} | {s['state_floats']:,} | {s['params']:,} | {accuracies} |")
-    lines.append("\nState: every number a model carries from one token to the next after the whole sequence "
-                 "(the Transformer's KV cache grows with the length; the others do not).\n\n![recall](recall.png)\n")
+        s["accuracy"] = {n: recall_accuracy(model, n, budget["vocab"], budget["block"], device) for n in budget["pairs"]}
+        s["longer"] = {f"{n} pairs in {length}": recall_accuracy(model, n, budget["vocab"], length, device)
+                       for length, n in budget["longer"] if model.max_len is None}
+        s["state_floats"] = state_floats(model, budget["block"], device)
+    lines = recall_table(summaries, budget, args.budget, device, started)
     figure = RESULTS / "recall.png"
     plot_recall(summaries, budget, figure)
     write_results("recall", "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
+
+
+def recall_table(summaries, budget, budget_name, device, started):
+    """The markdown page: the table, then what reaches 90% and 99% at the hardest count with how much state."""
+    longer = [f"{n} pairs in {length}" for length, n in budget["longer"]]
+    hardest, kv_cache = max(budget["pairs"]), summaries[0]["state_floats"]
+    lines = [f"# Associative recall against facts and state size ({budget_name})\n",
+             header("recall", budget_name, device, "recall", started,
+                    f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
+                    f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
+                    "sequences; accuracy on 512 fresh sequences per pair count (chance: 1 in "
+                    f"{budget['vocab'] // 2}). The last columns ask longer sequences with more pairs than training "
+                    "had, of the models without a position table."),
+             "| model | context | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
+             + " | " + " | ".join(longer) + " |", "|---|---|---|---|" + "---|" * (len(budget["pairs"]) + len(longer))]
+    for s in summaries:
+        accuracies = " | ".join(f"{100 * s['accuracy'][n]:.0f}%" for n in budget["pairs"])
+        beyond = " | ".join(f"{100 * s['longer'][k]:.0f}%" if k in s["longer"] else "—" for k in longer)
+        lines.append(f"| {s['extra']['model']} | {s['extra']['size']} | {s['state_floats']:,} | {s['params']:,} | "
+                     f"{accuracies} | {beyond} |")
+    lines.append("\nState: every number a model carries from one token to the next after the whole sequence "
+                 "(the Transformer's KV cache grows with the length; the others do not). Context: the vector's size, "
+                 "or the matrix mixer's heads x (key x value) per block.\n")
+    lines.append(f"Smallest state reaching 90% and 99% at {hardest} pairs (the Transformer's KV cache there: "
+                 f"{kv_cache:,} numbers):\n")
+    for model in dict.fromkeys(s["extra"]["model"] for s in summaries):
+        runs = [s for s in summaries if s["extra"]["model"] == model]
+        for bar in (0.90, 0.99):
+            reached = [s["state_floats"] for s in runs if s["accuracy"][hardest] >= bar]
+            lines.append(f"- {model}, {100 * bar:.0f}%: " + (f"{min(reached):,} numbers "
+                         f"({min(reached) / kv_cache:.2f} of the KV cache)" if reached else "not reached"))
+    lines.append("\n![recall](recall.png)\n")
+    return lines
 
 
 def plot_recall(summaries, budget, path):
@@ -375,9 +420,10 @@ def plot_recall(summaries, budget, path):
     for i, model in enumerate(models):
         color = plt.rcParams["axes.prop_cycle"].by_key()["color"][i]
         runs = [s for s in summaries if s["extra"]["model"] == model]
-        shown = next((s for s in runs if s["extra"]["context_dim"] in (None, budget["default_size"])), runs[0])
+        shown = next(s for s in runs if s["extra"]["default"])
+        size = f" ({shown['extra']['size']})" if shown["extra"]["size"] != "—" else ""
         by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], "o-", color=color,
-                      label=f"{model}" + (f" (context {budget['default_size']})" if shown["extra"]["context_dim"] else ""))
+                      label=model + size)
         by_state.plot([s["state_floats"] for s in runs], [100 * s["accuracy"][hardest] for s in runs], "o-",
                       color=color, label=model)
     by_pairs.plot(budget["pairs"], [100 / n for n in budget["pairs"]], "--", color="gray",

@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no window needed
 import matplotlib.pyplot as plt
 
-from lab import Parser, UserError, run_script
+from cli import Parser, UserError, run_script
 
 
 def read_run(run_dir):

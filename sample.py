@@ -1,16 +1,57 @@
 """
-Generate text from a checkpoint, for either architecture, one token at a time
-through the model's recurrent step: New-LLM carries its context vector, the
-Transformer its KV cache.
+Generate text from a checkpoint, one token at a time through the model's recurrent step:
+New-LLM and the stack carry their fixed-size context, the Transformer its growing KV cache.
 
     python sample.py --ckpt runs/newllm/ckpt.pt --prompt "ROMEO:" --tokens 200
     python sample.py --ckpt runs/transformer/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 20
 """
 
 import torch
+import torch.nn.functional as F
 
+from checkpoint import load_checkpoint
+from cli import Parser, UserError, pick_device, run_script
 from data import tokenizer_from_state
-from lab import Parser, UserError, generate, load_checkpoint, model_from_checkpoint, pick_device, run_script
+from models import model_from_checkpoint
+
+
+@torch.no_grad()
+def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None):
+    """Continue each row of `prompt` (B, T0) by max_new_tokens tokens, one step at a time.
+
+    The prompt is read through model.step too, so generation never re-reads the past:
+    the state is all the model keeps. A model with a learned position table
+    (model.max_len) cannot step past it; there the state is rebuilt from the last
+    half-table of tokens and generation goes on.
+    """
+    model.eval()
+    if model.max_len is not None and prompt.size(1) > model.max_len:
+        raise UserError(f"the prompt is {prompt.size(1)} tokens; this model reads at most {model.max_len}")
+    logits, state = read(model, prompt)
+    out = [prompt]
+    position = prompt.size(1)
+    for _ in range(max_new_tokens):
+        logits = logits.float() / max(temperature, 1e-6)
+        if top_k is not None:  # only the k most likely tokens may be drawn
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        next_token = torch.multinomial(F.softmax(logits, dim=-1), 1)  # (B, 1)
+        out.append(next_token)
+        if model.max_len is not None and position == model.max_len:  # out of positions: re-read the recent half
+            logits, state = read(model, torch.cat(out, dim=1)[:, -(model.max_len // 2):])
+            position = model.max_len // 2
+        else:
+            logits, state = model.step(next_token[:, 0], state)
+            position += 1
+    return torch.cat(out, dim=1)
+
+
+def read(model, tokens):
+    """A fresh state that has read `tokens` (B, T), and the logits after the last one."""
+    state = model.init_state(tokens.size(0), tokens.device)
+    for t in range(tokens.size(1)):
+        logits, state = model.step(tokens[:, t], state)
+    return logits, state
 
 
 def main(argv=None):

@@ -12,23 +12,30 @@ import math
 import pytest
 import torch
 
+from checkpoint import load_checkpoint, save_checkpoint
+from cli import UserError
 from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset,
                   read_text_file)
-from lab import build_model, count_params, generate, load_checkpoint, model_from_checkpoint, save_checkpoint
-from newllm import MIN_KEEP, gate_floors, parallel_scan, sequential_scan
+from models import build_model, count_params, model_from_checkpoint, state_size, use_reference
+from sample import generate
+from scan import MIN_KEEP, parallel_scan, sequential_scan
+from stack import gate_floors
 
 V, T = 23, 24
 TINY = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, dropout=0.0)
-STACK = dict(TINY, num_contexts=2, gate=True, pos_embed=False)
+STACK = dict(TINY, layers=2, gate=True, context_norm=False, short_conv=0)
+MATRIX = dict(STACK, mixer="matrix", context_heads=3)  # 3 heads of 4 x 4
 
 # every variant a test should cover: name -> (arch, config)
 VARIANTS = {
     "seed": ("newllm", dict(TINY, layers=3)),
-    "seed+norm+gate+timescales": ("newllm", dict(TINY, layers=2, context_norm=True, gate=True, timescales=True)),
-    "stack": ("newllm", STACK),
-    "stack+norm+timescales+conv": ("newllm", dict(STACK, context_norm=True, timescales=True, short_conv=3)),
-    "stack additive (no gate)": ("newllm", dict(STACK, gate=False)),
-    "hybrid": ("newllm", dict(STACK, short_conv=2, local_window=5, heads=2)),
+    "seed+norm+gate": ("newllm", dict(TINY, layers=2, context_norm=True, gate=True)),
+    "stack": ("stack", STACK),
+    "stack+norm+timescales+conv": ("stack", dict(STACK, context_norm=True, timescales=True, short_conv=3)),
+    "stack additive (no gate)": ("stack", dict(STACK, gate=False)),
+    "hybrid": ("stack", dict(STACK, short_conv=2, local_window=5, heads=2)),
+    "matrix": ("stack", dict(MATRIX, short_conv=3, context_norm=True)),
+    "matrix ungated": ("stack", dict(MATRIX, gate=False)),
     "transformer": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=4, layers=2, dropout=0.0)),
     "transformer post-norm": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=2, layers=2,
                                                   dropout=0.0, post_norm=True)),
@@ -61,7 +68,7 @@ def test_causal(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_step_equals_forward(name):
-    """Generation's recurrent step (context vector or KV cache) gives the forward pass's logits."""
+    """Generation's recurrent step (context vector, context matrix or KV cache) gives the forward pass's logits."""
     model = tiny(name)
     idx = torch.randint(V, (3, T))
     with torch.no_grad():
@@ -74,25 +81,22 @@ def test_step_equals_forward(name):
     assert torch.allclose(torch.stack(stepped, dim=1), logits, atol=1e-5)
 
 
-def test_seed_forward_equals_literal_definition():
-    """The seed model's forward (batched token half, head after the loop) equals FNN([x_t ; c_{t-1}]) step by step."""
-    model = tiny("seed+norm+gate+timescales")
-    x = torch.randn(2, T, 16)
-    fast = model.core(x)
-    context, slow = model.core.init_state(2, "cpu"), []
-    for t in range(T):
-        h, context = model.core.step(x[:, t], context)
-        slow.append(h)
-    assert torch.allclose(fast, torch.stack(slow, dim=1), atol=1e-6)
-
-
-def test_fused_attention_equals_written_out():
-    model = tiny("transformer")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fast_path_equals_reference(name):
+    """Every fast path (the cell's batched token half, the scans' chunks, fused attention) gives the
+    readable definition's loss and gradients, in float64, over several chunks."""
+    model = tiny(name).double()
     idx = torch.randint(V, (2, T))
-    with torch.no_grad():
-        fused, _ = model(idx, fused=True)
-        written, _ = model(idx, fused=False)
-    assert torch.allclose(fused, written, atol=1e-5)
+    results = []
+    for reference in (True, False):
+        use_reference(model, reference)
+        model.zero_grad()
+        _, loss = model(idx, idx)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+    for g_reference, g_fast in zip(results[0][1], results[1][1]):
+        assert torch.allclose(g_reference, g_fast, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -114,19 +118,14 @@ def test_parallel_scan_equals_loop(dtype, tol):
         assert (loop - chunked).abs().max() <= tol * loop.abs().max()
 
 
-def test_stack_parallel_equals_sequential_in_the_model():
-    """The whole stack, trained through the scan, matches the loop in loss and every gradient."""
-    model = tiny("stack+norm+timescales+conv").double()
-    idx = torch.randint(V, (2, T))
-    results = []
-    for scan in (sequential_scan, parallel_scan):
-        model.zero_grad()
-        _, loss = model(idx, idx, scan=scan)
-        loss.backward()
-        results.append((loss.item(), [p.grad.clone() for p in model.parameters()]))
-    assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
-    for g_loop, g_scan in zip(results[0][1], results[1][1]):
-        assert torch.allclose(g_loop, g_scan, rtol=1e-9, atol=1e-12)
+def test_seed_gate_is_the_reports_equation():
+    """--gate on the report's model is exactly c_t = a_t * c_{t-1} + (1 - a_t) * W_ctx h_t, a_t = sigmoid(W_a h_t)."""
+    cell = tiny("seed+norm+gate").cell
+    cell.norm = None  # the gate alone
+    h, context = torch.randn(4, 32), torch.randn(4, 12)
+    keep = torch.sigmoid(cell.to_gate(h))
+    expected = keep * context + (1 - keep) * cell.to_context(h)
+    assert torch.allclose(cell.update(context, h), expected, atol=1e-7)
 
 
 def test_timescale_floors_span_fast_to_slow():
@@ -135,7 +134,7 @@ def test_timescale_floors_span_fast_to_slow():
     assert torch.equal(gate_floors(8, timescales=False, longest=256), torch.full((8,), MIN_KEEP))
 
 
-@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "transformer"])
+@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "matrix", "transformer"])
 def test_overfits_a_tiny_batch(name):
     """A model that cannot memorise 2 sequences cannot learn anything."""
     model = tiny(name).train()
@@ -149,7 +148,7 @@ def test_overfits_a_tiny_batch(name):
     assert loss.item() < 0.1
 
 
-@pytest.mark.parametrize("name", ["seed", "hybrid", "transformer"])
+@pytest.mark.parametrize("name", ["seed", "hybrid", "matrix", "transformer"])
 def test_checkpoint_round_trip(name, tmp_path):
     model = tiny(name)
     path = tmp_path / "ckpt.pt"
@@ -161,11 +160,58 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert torch.equal(model(idx)[0], loaded(idx)[0])
 
 
+def single_file_layout(model, **old_fields):
+    """A checkpoint as the earlier single-file layout wrote it: New-LLM's stack under arch 'newllm',
+    its weights under core., the conv inside the mixer, no format number."""
+    fields = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, layers=None,
+                  num_contexts=1, dropout=0.0, pos_embed=True, context_norm=False, gate=False, timescales=False,
+                  short_conv=0, local_window=0, heads=4)
+    weights = {("core." + k if k.startswith(("blocks", "ln_final")) else k.replace("cell.", "core.", 1))
+               .replace(".conv.", ".mixer.conv."): v for k, v in model.state_dict().items()}
+    return {"arch": "newllm", "model_config": dict(fields, **old_fields), "model": weights,
+            "tokenizer": {"kind": "symbol", "vocab_size": V}}
+
+
+def test_checkpoints_of_the_single_file_layout_still_load(tmp_path):
+    """The same weights come back under their new names: a stack, and the report's model without a gate."""
+    idx = torch.randint(V, (2, T))
+    stack = tiny("stack+norm+timescales+conv")
+    old_stack = single_file_layout(stack, num_contexts=2, gate=True, context_norm=True, timescales=True, short_conv=3,
+                                   pos_embed=True)
+    stack.config.pos_embed = True  # the tiny stack has no position table, as the old one may; both load the same
+    seed = tiny("seed")
+    old_seed = single_file_layout(seed, layers=3)
+    for model, old in ((seed, old_seed),):
+        torch.save(old, tmp_path / "old.pt")
+        assert torch.equal(model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()(idx)[0], model(idx)[0])
+    old_stack["model_config"]["pos_embed"] = False
+    torch.save(old_stack, tmp_path / "old.pt")
+    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()
+    assert type(loaded).__name__ == "ContextStack" and torch.equal(loaded(idx)[0], stack(idx)[0])
+    torch.save(single_file_layout(tiny("seed+norm+gate"), layers=2, gate=True, context_norm=True), tmp_path / "old.pt")
+    with pytest.raises(UserError, match="earlier version"):
+        model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+
+
 def test_generation_outruns_the_position_table():
     """A model with learned positions keeps generating past its table (by re-reading the recent half)."""
     model = tiny("transformer")
     out = generate(model, torch.zeros(1, 1, dtype=torch.long), 3 * T)
     assert out.shape == (1, 3 * T + 1)
+
+
+def test_context_matrix_state_does_not_grow():
+    """The context matrix's generation state holds as many numbers after 16k tokens as after 1k and as
+    before the first (a one-block model, so that 16k steps take seconds)."""
+    model = build_model("stack", vocab_size=V, block_size=T, embed_dim=8, context_dim=8, hidden_dim=8, layers=1,
+                        mixer="matrix", context_heads=2, short_conv=2).eval()
+    state, token, sizes = model.init_state(1, "cpu"), torch.zeros(1, dtype=torch.long), {}
+    with torch.inference_mode():
+        for position in range(1, 16_385):
+            _, state = model.step(token, state)
+            if position in (1024, 16_384):
+                sizes[position] = state_size(state)
+    assert sizes[1024] == sizes[16_384] == state_size(model.init_state(1, "cpu")) == 2 * 4 * 4 + 8
 
 
 # -----------------------------------------------------------------------------

@@ -1,120 +1,300 @@
 """
-Train New-LLM or a Transformer on a text (or the recall task), one readable loop.
+Train a model on a text (or on the recall task): one readable loop.
 
-    python train.py --arch newllm --context-dim 256        # the seed model, ~6 min on 2 CPU cores
-    python train.py --arch transformer                     # the matched Transformer, ~4 min
-    python train.py --preset seed-baseline                 # the seed report's run, word level
-    python train.py --preset best-newllm-cpu               # the best attention-free stack
+    python train.py --arch newllm --context-dim 256        # the report's model (REPORT.md)
+    python train.py --arch transformer                     # the Transformer it is measured against
+    python train.py --preset best-newllm-cpu               # the best attention-free stack (presets.py)
     python train.py --out-dir runs/newllm --resume         # carry on after Ctrl-C or a crash
     python train.py --arch transformer --dry-run           # build the model, print 'params: N'
     torchrun --standalone --nproc_per_node=2 train.py --arch transformer   # data-parallel (DDP)
 
-Each run leaves in --out-dir: config.json (every setting), log.jsonl (one line
-per evaluation), ckpt.pt (the best validation loss) and last.pt (the latest
-state, for --resume). Checkpoints are written atomically; Ctrl-C saves last.pt.
+A run leaves in --out-dir: config.json (every setting), log.jsonl (one line per
+evaluation), ckpt.pt (the best validation loss) and last.pt (the latest state, for
+--resume). It ends by printing a sample of generated text.
 
-The file reads top to bottom: presets and flags, then main(): setup, data,
-model (new or resumed), optimizer, estimate_loss, get_lr, and one loop that
-evaluates/checkpoints, steps, logs and stops.
+Read main() and train() top to bottom: setup, data, model, optimiser, then the loop
+(evaluate and save -> step -> log -> stop). The helpers after them are the safety
+machinery (the folder lock, resuming, signals, several processes); a first reading
+can skip them.
 """
 
 import argparse
 import json
 import math
 import os
-import random
 import signal
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import fields
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from checkpoint import FolderLock, UnreadableCheckpoint, atomic_write, load_checkpoint, save_checkpoint
+from cli import Parser, UserError, hardware, pick_device, run_script
 from data import IGNORE, describe, load_dataset
-from lab import ARCHS, Parser, UserError, build_model, count_params, generate, hardware, load_checkpoint, \
-    model_config_dict, pick_device, run_script, save_checkpoint
+from models import ARCHS, build_model, count_params, model_config_dict
+from presets import PRESETS
+from sample import generate
 
 # -----------------------------------------------------------------------------
-# presets: the configurations people rerun. Any flag given next to a preset overrides it.
-
-# The seed report's setup (SEED.md): word level, 1,000 tokens, one line per sequence of at
-# most 32 tokens, batch 16, Adam (no weight decay) at a constant 1e-4, clipping 1.0, dropout 0.1.
-SEED_SETUP = dict(tokenizer="word", vocab_size=1000, sentences=True, block_size=32, dropout=0.1,
-                  batch_size=16, lr=1e-4, beta2=0.999, weight_decay=0.0, warmup_iters=0,
-                  lr_schedule="constant", grad_clip=1.0, epochs=50, eval_interval=0, eval_iters=50)
-SEED_NEWLLM = dict(SEED_SETUP, arch="newllm", embed_dim=256, context_dim=256, hidden_dim=512, layers=8)
-
-# The best attention-free New-LLM (README, "Closing the gap"): a stack of gated context blocks
-# with a short convolution, trained through the parallel scan. (--timescales measured worse.)
-BEST_STACK = dict(arch="newllm", num_contexts=4, gate=True, short_conv=4, context_norm=True, pos_embed=False)
-
-PRESETS = {
-    "seed-baseline": SEED_NEWLLM,
-    "seed-exp1": dict(SEED_NEWLLM, context_dim=512),
-    "seed-exp2": dict(SEED_NEWLLM, context_dim=512, hidden_dim=1024, layers=10),
-    "seed-exp3": dict(SEED_NEWLLM, context_dim=512, hidden_dim=1024, layers=10, epochs=150),
-    "seed-transformer": dict(SEED_SETUP, arch="transformer", embed_dim=256, heads=4, layers=6,
-                             hidden_dim=1024, post_norm=True),
-    # CPU scale (~0.8M parameters), matched to `--preset transformer-cpu`
-    "best-newllm-cpu": dict(BEST_STACK, embed_dim=128, context_dim=128, hidden_dim=524, block_size=128,
-                            batch_size=32, dropout=0.1, max_iters=1500, lr=2e-3),
-    "transformer-cpu": dict(arch="transformer", embed_dim=128, heads=4, layers=4, block_size=128,
-                            batch_size=32, dropout=0.1, max_iters=1500, lr=2e-3),
-    # GPU scale (~10M parameters, nanoGPT's Shakespeare model), matched to `--preset transformer-gpu`
-    "best-newllm": dict(BEST_STACK, embed_dim=384, context_dim=384, hidden_dim=1554, num_contexts=6,
-                        block_size=256, batch_size=64, dropout=0.2, max_iters=5000, lr=1e-3),
-    "transformer-gpu": dict(arch="transformer", embed_dim=384, heads=6, layers=6, block_size=256,
-                            batch_size=64, dropout=0.2, max_iters=5000, lr=1e-3),
-}
-
-MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
+# the run
 
 
-def int_list(text):
+def main(argv=None):
+    """Train one model; returns a summary dict (experiments.py reads it)."""
+    args = parse_args(argv)
+
+    # setup: one process, or one of several under torchrun, each training on its own batches
+    proc = Processes.start(pick_device(args.device))
+    say = print if proc.master else (lambda *a, **k: None)
+
+    # data: the text, its tokenizer, and random training batches (one seed per process)
+    dataset = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences,
+                           args.seed + proc.rank, args.recall_vocab, args.recall_pairs, args.recall_queries)
+    say(describe(args.data, dataset))
+    max_iters, eval_interval = schedule(args, dataset, proc.world_size)
+
+    # model: built from the flags, with the same initial weights in every process
+    torch.manual_seed(args.seed)
+    model_config = model_config_from_args(args, dataset.tokenizer.vocab_size)
+    model = build_model(args.arch, **model_config)
+    n_params = count_params(model)
+    say(f"params: {n_params}")
+    if args.dry_run:
+        return {"params": n_params}
+    model.to(proc.device)
+
+    # optimiser: AdamW; weight decay on matrices only (biases and norms do not decay)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
+                                   {"params": others, "weight_decay": 0.0}],
+                                  lr=args.lr, betas=(0.9, args.beta2), fused=proc.device.type == "cuda")
+
+    # the output folder, held by this run alone; a resumed run takes back everything it saved
+    out_dir = Path(args.out_dir)
+    lock = claim_out_dir(out_dir, args) if proc.master else None
     try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+        torch.manual_seed(args.seed + proc.rank)  # dropout masks differ across processes
+        run = Progress()
+        if args.resume:
+            run = resume(out_dir, args, model, optimizer, dataset, proc)
+            say(f"resuming from {args.resume} at step {run.step} (best val loss {run.best_val_loss:.4f})")
+        if proc.master:
+            trim_log(out_dir / "log.jsonl", run.step)  # a killed run may have logged past its checkpoint
+            write_json(out_dir / "config.json", {
+                "args": vars(args), "arch": args.arch, "model_config": model_config_dict(model), "params": n_params,
+                "max_iters": max_iters, "world_size": proc.world_size, "data": dataset.identity,
+                "hardware": hardware(proc.device), "torch": torch.__version__})
+        summary = train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval)
+    finally:
+        if lock is not None:
+            lock.release()
+    summary["params"] = n_params
+
+    # the end: the numbers, and what the model writes now
+    say(f"done: best val loss {run.best_val_loss:.4f} after {run.step} steps, {summary['tokens']:,} tokens, "
+        f"{summary['tokens_per_s']:,.0f} tokens/s")
+    if proc.master and args.sample_tokens > 0:
+        prompt = torch.tensor([dataset.tokenizer.start_ids()], device=proc.device)
+        say("sample:\n" + dataset.tokenizer.decode(generate(model, prompt, args.sample_tokens)[0].tolist()))
+    proc.finish()
+    return summary
+
+
+def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
+    """The loop: evaluate and save -> one optimiser step -> log -> stop. Returns a summary dict."""
+    out_dir = Path(args.out_dir)
+    trained = torch.compile(model) if args.compile else model
+    trained = proc.wrap(trained)
+    amp = args.amp and proc.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    eval_data = {split: dataset.eval_batches(split, args.batch_size, args.eval_iters) for split in ("train", "val")}
+    tokens_per_step = args.batch_size * args.block_size * proc.world_size
+    started = time.time() - run.elapsed_s
+    recent_losses, smoothed = [], None
+    bar = tqdm(total=max_iters, initial=run.step, disable=not (proc.master and args.progress),
+               dynamic_ncols=True, leave=False)
+    model.train()
+    with stop_signals() as stop_requested:
+        try:
+            while True:
+                # evaluate on fixed batches; keep the best model (ckpt.pt) and the latest state (last.pt)
+                if (run.step % eval_interval == 0 or run.step == max_iters) and run.step != run.last_eval_step:
+                    run.last_eval_step, run.elapsed_s = run.step, time.time() - started
+                    lr = get_lr(min(run.step, max_iters - 1), args, max_iters)
+                    metrics = evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr)
+                    if metrics:
+                        bar.write(f"step {run.step:>6}: train loss {metrics['train_loss']:.4f}, "
+                                  f"val loss {metrics['val_loss']:.4f}")
+                if run.step >= max_iters:
+                    break
+
+                # one optimiser step at the scheduled learning rate
+                tick = time.time()
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(run.step, args, max_iters)
+                x, y = (t.to(proc.device, non_blocking=True) for t in dataset.get_batch(args.batch_size))
+                with autocast:
+                    _, loss = trained(x, y)
+                loss.backward()
+                if args.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                run.step += 1
+                recent_losses.append(loss.detach())
+
+                # log: the host reads the losses only every log_interval steps, so the device never waits between
+                if run.step % args.log_interval == 0 or run.step == max_iters or (stop_requested and not proc.distributed):
+                    losses, stop = proc.read_losses(recent_losses, bool(stop_requested))
+                    recent_losses = []
+                    check_finite(losses, run.step)
+                    smoothed = losses[-1] if smoothed is None else 0.9 * smoothed + 0.1 * losses[-1]
+                    bar.set_postfix(loss=f"{smoothed:.4f}", best_val=f"{run.best_val_loss:.4f}")
+                    if stop:  # Ctrl-C or SIGTERM (in any process): save where we are, then leave
+                        run.elapsed_s = time.time() - started
+                        save_state(["last.pt"], model, optimizer, dataset, args, proc, run)
+                        raise KeyboardInterrupt
+                run.train_time_s += time.time() - tick
+                bar.update(1)
+        except KeyboardInterrupt:
+            bar.close()
+            if proc.master:
+                saved = load_checkpoint(out_dir / "last.pt")["step"] if (out_dir / "last.pt").exists() else 0
+                print(f"stopped; last.pt holds step {saved}. Resume with: python train.py --out-dir {out_dir} --resume")
+            raise SystemExit(130)
+        except Diverged as error:
+            bar.close()
+            raise UserError(f"training diverged: {error}. ckpt.pt (best val loss {run.best_val_loss:.4f}) is "
+                            "untouched; try a lower --lr") from None
+    bar.close()
+    tokens = run.step * tokens_per_step
+    return {"best_val_loss": run.best_val_loss, "steps": run.step, "tokens": tokens, "train_time_s": run.train_time_s,
+            "tokens_per_s": tokens / max(run.train_time_s, 1e-9), "out_dir": str(out_dir)}
+
+
+def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr):
+    """Evaluate, log and write ckpt.pt (if the best so far) and last.pt; the metrics, in the main process only."""
+    rng_states = proc.gather(rng_state(dataset, proc.device))  # every process takes part in this
+    if not proc.master:
+        return None
+    metrics = estimate_loss(model, eval_data, proc.device, autocast)
+    if not math.isfinite(metrics["val_loss"]):
+        raise Diverged(f"validation loss is {metrics['val_loss']} at step {run.step}")
+    log_line(Path(args.out_dir) / "log.jsonl", run, args.batch_size * args.block_size * proc.world_size, lr, metrics)
+    names = ["last.pt"]
+    if metrics["val_loss"] < run.best_val_loss:
+        run.best_val_loss = metrics["val_loss"]
+        names.insert(0, "ckpt.pt")  # the best model first: a crash between the two leaves last.pt older, never newer
+    save_state(names, model, optimizer, dataset, args, proc, run, rng_states)
+    return metrics
+
+
+def save_state(names, model, optimizer, dataset, args, proc, run, rng_states=None):
+    """Write the run's state under each name in --out-dir (every process's random state, gathered)."""
+    rng_states = rng_states or proc.gather(rng_state(dataset, proc.device))
+    if proc.master:
+        checkpoint = make_checkpoint(model, optimizer, dataset, args, run, rng_states)
+        for name in names:
+            save_checkpoint(Path(args.out_dir) / name, checkpoint)
+
+
+def check_finite(losses, step):
+    """Stop at the first NaN or infinite loss, naming its step (losses are the last len(losses) steps')."""
+    for i, value in enumerate(losses):
+        if not math.isfinite(value):
+            raise Diverged(f"loss became {value} at step {step - len(losses) + i + 1}")
+
+
+@torch.no_grad()
+def estimate_loss(model, eval_data, device, autocast):
+    """Mean loss and next-token accuracy (scored targets only) on the same fixed batches every time."""
+    model.eval()
+    out = {}
+    for split, batches in eval_data.items():
+        losses, correct, scored = [], 0, 0
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast:
+                logits, loss = model(x, y)
+            losses.append(loss.item())
+            mask = y != IGNORE
+            correct += (logits.argmax(-1) == y)[mask].sum().item()
+            scored += mask.sum().item()
+        out[f"{split}_loss"] = sum(losses) / len(losses)
+        out[f"{split}_acc"] = correct / max(scored, 1)
+    model.train()
+    return out
+
+
+def get_lr(step, args, max_iters):
+    # 1) linear warmup
+    if step < args.warmup_iters:
+        return args.lr * (step + 1) / (args.warmup_iters + 1)
+    # 2) constant after warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    # 3) cosine decay from lr to lr/10 at the last step
+    progress = min(1.0, (step - args.warmup_iters) / max(1, max_iters - args.warmup_iters))
+    return args.lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.lr / 10)
+
+
+def schedule(args, dataset, world_size):
+    """How many steps in all, and how often to evaluate (--epochs and --eval-interval 0 count in epochs)."""
+    per_epoch = None
+    if args.epochs or args.eval_interval == 0:
+        per_epoch = max(1, dataset.steps_per_epoch(args.batch_size) // world_size)
+    max_iters = math.ceil(args.epochs * per_epoch) if args.epochs else args.max_iters
+    for name, value in (("--batch-size", args.batch_size), ("--max-iters", max_iters), ("--eval-iters", args.eval_iters),
+                        ("--log-interval", args.log_interval), ("--lr", args.lr)):
+        if value <= 0:
+            raise UserError(f"{name} must be positive (got {value})")
+    return max_iters, args.eval_interval or per_epoch
+
+
+# -----------------------------------------------------------------------------
+# flags
 
 
 def build_parser():
-    p = Parser(prog="train.py", description="Train New-LLM or a Transformer.")
+    p = Parser(prog="train.py", description="Train New-LLM, the context stack or a Transformer.")
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
     g.add_argument("--data", default="shakespeare", help="'shakespeare' (downloaded once), 'recall', or a UTF-8 text file")
     g.add_argument("--tokenizer", default="char", choices=["char", "word"], help="characters, or lower-cased whitespace words")
     g.add_argument("--vocab-size", type=int, default=1000, help="word tokenizer: entries including <PAD> <UNK> <BOS> <EOS>")
-    g.add_argument("--sentences", action=bool_flag, default=False, help="one line per sequence, padded (the seed report's setup)")
+    g.add_argument("--sentences", action=bool_flag, default=False, help="one line per sequence, padded (the report's setup)")
     g.add_argument("--recall-vocab", type=int, default=256, help="recall task: vocabulary (keys in the lower half, values in the upper)")
     g.add_argument("--recall-pairs", type=int_list, default=[8],
                    help="recall task: key-value pairs per sequence; a list (4,8,16) trains on a mix")
     g.add_argument("--recall-queries", type=int, default=8, help="recall task: queries per sequence")
 
-    g = p.add_argument_group("model (unset flags take the architecture's defaults, see newllm.py / transformer.py)")
+    g = p.add_argument_group("model (unset flags take the architecture's defaults: newllm.py, stack.py, transformer.py)")
     g.add_argument("--arch", default="newllm", choices=list(ARCHS), help="architecture")
-    g.add_argument("--preset", choices=list(PRESETS), help="a named configuration; flags given beside it override it")
+    g.add_argument("--preset", choices=list(PRESETS), help="a named configuration (presets.py); flags beside it override it")
     g.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
     g.add_argument("--embed-dim", type=int, help="E: embedding / residual width")
-    g.add_argument("--context-dim", type=int, help="New-LLM: C, size of each context vector")
-    g.add_argument("--hidden-dim", type=int, help="H: FNN width (one-context New-LLM) or MLP width")
-    g.add_argument("--layers", type=int, help="FNN depth (one-context New-LLM) or Transformer blocks")
-    g.add_argument("--heads", type=int, help="attention heads (Transformer, New-LLM hybrid)")
+    g.add_argument("--context-dim", type=int, help="newllm, stack: C, the size of the context (vector, or q/k/v width)")
+    g.add_argument("--hidden-dim", type=int, help="H: FNN width (newllm) or MLP width (stack, transformer)")
+    g.add_argument("--layers", type=int, help="FNN depth (newllm), blocks (stack, transformer)")
+    g.add_argument("--heads", type=int, help="attention heads (transformer, the stack's hybrid window)")
     g.add_argument("--dropout", type=float, help="dropout probability")
-    g.add_argument("--num-contexts", type=int, help="New-LLM: 1 = the seed model, K >= 2 = a stack of K context blocks")
-    g.add_argument("--context-norm", action=bool_flag, help="New-LLM: LayerNorm on the context")
-    g.add_argument("--gate", action=bool_flag, help="New-LLM: gated update a*c + (1-a)*v instead of c + delta")
-    g.add_argument("--timescales", action=bool_flag, help="New-LLM: per-channel gate floors, fast and slow memories")
-    g.add_argument("--short-conv", type=int, help="New-LLM stack: causal depthwise conv width before each context (0 = off)")
-    g.add_argument("--local-window", type=int, help="New-LLM stack: hybrid attention over the last W positions (0 = off)")
-    g.add_argument("--pos-embed", action=bool_flag, help="New-LLM: learned position embedding (caps the length)")
-    g.add_argument("--post-norm", action=bool_flag, help="Transformer: LayerNorm after each residual sum (the report's)")
-    g.add_argument("--init", choices=["gpt2", "torch"], help="Transformer: GPT-2's N(0, 0.02) init or PyTorch's defaults")
+    g.add_argument("--mixer", choices=["vector", "matrix"], help="stack: a context vector, or delta-rule context matrices")
+    g.add_argument("--context-heads", type=int, help="stack, matrix mixer: heads, each a (C/heads) x (C/heads) matrix")
+    g.add_argument("--context-norm", action=bool_flag, help="newllm, stack: LayerNorm on the context")
+    g.add_argument("--gate", action=bool_flag, help="newllm, stack: a keep gate on the context instead of plain addition")
+    g.add_argument("--timescales", action=bool_flag, help="stack, vector mixer: per-channel gate floors, fast and slow")
+    g.add_argument("--short-conv", type=int, help="stack: causal depthwise conv width before each context (0 = off)")
+    g.add_argument("--local-window", type=int, help="stack: hybrid attention over the last W positions (0 = off)")
+    g.add_argument("--pos-embed", action=bool_flag, help="newllm, stack: learned position embedding (caps the length)")
+    g.add_argument("--post-norm", action=bool_flag, help="transformer: LayerNorm after each residual sum (the report's)")
+    g.add_argument("--init", choices=["gpt2", "torch"], help="transformer: GPT-2's N(0, 0.02) init or PyTorch's defaults")
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per step (per process)")
@@ -136,12 +316,24 @@ def build_parser():
     g.add_argument("--amp", action=bool_flag, default=True, help="bfloat16 autocast on CUDA")
     g.add_argument("--compile", action=bool_flag, default=False, help="torch.compile the model")
     g.add_argument("--out-dir", help="where the run's files go (default runs/<preset or arch>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out-dir from its last.pt")
+    g.add_argument("--resume", nargs="?", const="last.pt", metavar="CHECKPOINT",
+                   help="continue the run in --out-dir from last.pt (or from the checkpoint named, e.g. ckpt.pt)")
+    g.add_argument("--new-data", action="store_true", help="with --resume: continue on a different text on purpose")
     g.add_argument("--overwrite", action="store_true", help="replace a run already in --out-dir")
     g.add_argument("--dry-run", action="store_true", help="build the model, print 'params: N' and exit")
     g.add_argument("--sample-tokens", type=int, default=200, help="tokens to generate at the end (0 = none)")
     g.add_argument("--progress", action=bool_flag, default=True, help="show a progress bar")
     return p
+
+
+def int_list(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers separated by commas, got '{text}'") from None
+
+
+ONE_OFF_FLAGS = ("resume", "new_data", "overwrite", "dry_run")  # about this invocation, not the run: never inherited
 
 
 def parse_args(argv):
@@ -157,11 +349,14 @@ def parse_args(argv):
         if not config_path.is_file():
             raise UserError(f"nothing to resume: {config_path} does not exist")
         saved = json.loads(config_path.read_text())["args"]
-        if "--arch" in " ".join(argv or sys.argv[1:]) and args.arch != saved["arch"]:
+        if "--arch" in (argv if argv is not None else sys.argv[1:]) and args.arch != saved["arch"]:
             raise UserError(f"{args.out_dir} holds a {saved['arch']} run, but --arch {args.arch} was asked for")
-        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ("resume", "overwrite", "dry_run")})
+        parser.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_OFF_FLAGS})
         args = parser.parse_args(argv)
     return args
+
+
+MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
 
 
 def model_config_from_args(args, vocab_size):
@@ -177,14 +372,131 @@ def model_config_from_args(args, vocab_size):
 
 
 # -----------------------------------------------------------------------------
-# random state: everything that decides the next batch and the next dropout mask
+# the run's files: the folder lock, checkpoints, the log
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in every checkpoint and taken back on --resume."""
+    step: int = 0
+    best_val_loss: float = float("inf")
+    last_eval_step: int = -1
+    elapsed_s: float = 0.0        # wall-clock time, evaluation included
+    train_time_s: float = 0.0     # time spent in optimiser steps only
+
+
+def claim_out_dir(out_dir, args):
+    """Lock --out-dir for this run, then refuse to mix two runs in it unless resuming or overwriting."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out-dir {out_dir} is a file")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create {out_dir}: {error.strerror}") from None
+    lock = FolderLock(out_dir)  # a second live run stops here, before anything is touched
+    run_files = [out_dir / name for name in ("config.json", "log.jsonl", "ckpt.pt", "last.pt")]
+    if any(f.exists() for f in run_files) and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise UserError(f"{out_dir} already holds a run: add --resume to continue it or --overwrite to replace it")
+        for f in run_files:
+            f.unlink(missing_ok=True)
+    return lock
+
+
+def make_checkpoint(model, optimizer, dataset, args, run, rng_states):
+    """Everything needed to use the model alone, or to continue the run exactly (checkpoint.py)."""
+    return {"arch": args.arch, "model_config": model_config_dict(model), "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "tokenizer": dataset.tokenizer.state_dict(),
+            "data": dataset.identity, **asdict(run), "rng": rng_states, "args": vars(args)}
+
+
+def resume(out_dir, args, model, optimizer, dataset, proc):
+    """Load the run's checkpoint into model and optimiser; check it is the same run and the same data."""
+    path = out_dir / args.resume
+    try:
+        checkpoint = load_checkpoint(path, map_location=proc.device)
+    except UnreadableCheckpoint as error:
+        raise UserError(f"{error}. {intact_alternative(out_dir, path)}") from None
+    if "format" not in checkpoint:
+        raise UserError(f"{path} was written by an earlier version of train.py: sample.py still reads it, "
+                        "but a run to resume must be started with this version")
+    check_same_run(checkpoint, args, model, dataset)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    states = checkpoint["rng"]
+    if len(states) == proc.world_size:
+        set_rng_state(states[proc.rank], dataset, proc.device)
+    elif proc.master:
+        print(f"note: the run was written by {len(states)} process(es), not {proc.world_size}: batches will differ")
+    return Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
+
+
+def intact_alternative(out_dir, damaged):
+    """The sentence that says which other checkpoint in the folder is whole, and how to continue from it."""
+    for name in ("last.pt", "ckpt.pt"):
+        other = out_dir / name
+        if other != damaged and other.is_file():
+            try:
+                step = load_checkpoint(other)["step"]
+            except UserError:
+                continue
+            return (f"{other} (step {step}) is intact: continue from it with "
+                    f"python train.py --out-dir {out_dir} --resume {name}")
+    return f"No intact checkpoint is left in {out_dir}: start again with --overwrite"
+
+
+def check_same_run(checkpoint, args, model, dataset):
+    """The checkpoint must hold this architecture, shape and vocabulary, and (unless --new-data) this text."""
+    if checkpoint["arch"] != args.arch:
+        raise UserError(f"the checkpoint holds a {checkpoint['arch']} model, but --arch {args.arch} was asked for")
+    if checkpoint["tokenizer"] != dataset.tokenizer.state_dict():
+        raise UserError("the checkpoint's vocabulary differs from this data's: "
+                        "resume with the data and tokenizer it was trained on")
+    differ = [f"{k} {checkpoint['model_config'].get(k)} vs {v}" for k, v in model_config_dict(model).items()
+              if checkpoint["model_config"].get(k) != v]
+    if differ:
+        raise UserError(f"the checkpoint's model differs from the flags ({', '.join(differ)})")
+    trained_on, now = checkpoint["data"], dataset.identity
+    if trained_on != now and not args.new_data:
+        raise UserError(f"this run was trained on {identity_text(trained_on)}, but the data now is "
+                        f"{identity_text(now)}: pass the same --data, or add --new-data to continue on it on purpose")
+
+
+def identity_text(identity):
+    if "sha256" in identity:
+        return f"{identity['data']} ({identity['chars']:,} characters, SHA-256 {identity['sha256'][:12]})"
+    return ", ".join(f"{k} {v}" for k, v in identity.items())
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def log_line(path, run, tokens_per_step, lr, metrics):
+    """Append one evaluation to log.jsonl (plot.py and experiments.py read it)."""
+    record = {"step": run.step, "tokens": run.step * tokens_per_step, "time_s": round(run.elapsed_s, 2),
+              "train_time_s": round(run.train_time_s, 2), "lr": lr, **metrics}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def trim_log(path, step):
+    """Keep the log lines up to `step` (a run killed after logging, before saving, wrote one more)."""
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+    atomic_write(path, lambda f: f.write(kept.encode()))
+
+
+# -----------------------------------------------------------------------------
+# random state, signals, several processes
 
 
 def rng_state(dataset, device):
-    numpy_state = np.random.get_state(legacy=False)
-    numpy_state["state"]["key"] = numpy_state["state"]["key"].tolist()  # plain lists load with weights_only
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": numpy_state,
-             "data": dataset.state_dict()}
+    """Everything random that decides the next batch and the next dropout mask."""
+    state = {"torch": torch.get_rng_state(), "data": dataset.state_dict()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
     return state
@@ -192,296 +504,82 @@ def rng_state(dataset, device):
 
 def set_rng_state(state, dataset, device):
     torch.set_rng_state(state["torch"])
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    numpy_state = state["numpy"]
-    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], dtype=np.uint32)
-    np.random.set_state(numpy_state)
     dataset.load_state_dict(state["data"])
     if "cuda" in state and device.type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def write_json(path, obj):
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 class Diverged(Exception):
     pass
 
 
-# -----------------------------------------------------------------------------
+@contextmanager
+def stop_signals():
+    """Ctrl-C or SIGTERM sets a flag: the loop finishes its step, saves last.pt and stops.
+    A second Ctrl-C stops at once."""
+    requested = []
+
+    def request_stop(signum, frame):
+        requested.append(signum)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
-def main(argv=None):
-    """Train; returns a summary dict (experiments.py reads it)."""
-    args = parse_args(argv)
+@dataclass
+class Processes:
+    """One process, or one of several started by torchrun (DistributedDataParallel)."""
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
 
-    # setup: one process, or one of several under torchrun
-    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    rank, world_size = 0, 1
-    device = pick_device(args.device)
-    if distributed:
-        rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    @classmethod
+    def start(cls, device):
+        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+            return cls(device)
         if device.type == "cuda":
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-    out_dir = Path(args.out_dir)
+        return cls(device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
 
-    # data
-    dataset = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences,
-                           args.seed + rank, args.recall_vocab, args.recall_pairs, args.recall_queries)
-    say(describe(args.data, dataset))
-    steps_per_epoch = max(1, dataset.steps_per_epoch(args.batch_size) // world_size) if (args.epochs or args.eval_interval == 0) else None
-    max_iters = math.ceil(args.epochs * steps_per_epoch) if args.epochs else args.max_iters
-    eval_interval = args.eval_interval or steps_per_epoch
-    for name, value in (("--batch-size", args.batch_size), ("--max-iters", max_iters), ("--eval-iters", args.eval_iters),
-                        ("--log-interval", args.log_interval), ("--lr", args.lr)):
-        if value <= 0:
-            raise UserError(f"{name} must be positive (got {value})")
+    @property
+    def distributed(self):
+        return self.world_size > 1 or dist.is_initialized()
 
-    # model, new or resumed
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model_config = model_config_from_args(args, dataset.tokenizer.vocab_size)
-    model = build_model(args.arch, **model_config)
-    n_params = count_params(model)
-    say(f"params: {n_params}")
-    if args.dry_run:
-        return {"params": n_params}
-    if master:  # only now, with the data and the model known to be good, touch the output folder
-        prepare_out_dir(out_dir, args)
-    model.to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # matrices decay; biases and norms do not
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
-    step, best_val, last_eval_step, elapsed, train_time = 0, float("inf"), -1, 0.0, 0.0
-    torch.manual_seed(args.seed + rank)  # dropout differs across ranks
-    if args.resume:
-        checkpoint = load_checkpoint(out_dir / "last.pt", map_location=device)
-        check_compatible(checkpoint, args.arch, model_config, dataset.tokenizer.state_dict())
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, best_val = checkpoint["step"], checkpoint["best_val_loss"]
-        last_eval_step, elapsed, train_time = checkpoint["last_eval_step"], checkpoint["elapsed_s"], checkpoint["train_time_s"]
-        states = checkpoint["rng"]
-        if len(states) == world_size:
-            set_rng_state(states[rank], dataset, device)
-        else:
-            say(f"note: the run was written by {len(states)} process(es), not {world_size}: batches will differ")
-        say(f"resuming at step {step} (best val loss {best_val:.4f})")
-    raw_model = model
-    if args.compile:
-        model = torch.compile(model)
-    if distributed:
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = args.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext()
-    tokens_per_step = args.batch_size * args.block_size * world_size
-    if master:
-        write_json(out_dir / "config.json", {"args": vars(args), "arch": args.arch, "model_config": model_config_dict(raw_model),
-                                             "params": n_params, "max_iters": max_iters, "world_size": world_size,
-                                             "hardware": hardware(device), "torch": torch.__version__})
+    @property
+    def master(self):
+        return self.rank == 0  # the one process that evaluates, logs and writes files
 
-    eval_data = {split: dataset.eval_batches(split, args.batch_size, args.eval_iters) for split in ("train", "val")}
+    def wrap(self, model):
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    @torch.no_grad()
-    def estimate_loss():
-        """Mean loss and next-token accuracy (scored targets only) on fixed batches of each split."""
-        raw_model.eval()
-        out = {}
-        for split, batches in eval_data.items():
-            losses, correct, scored = [], 0, 0
-            for x, y in batches:
-                x, y = x.to(device), y.to(device)
-                with autocast:
-                    logits, loss = raw_model(x, y)
-                losses.append(loss.item())
-                scored_mask = y != IGNORE
-                correct += (logits.argmax(-1) == y)[scored_mask].sum().item()
-                scored += scored_mask.sum().item()
-            out[f"{split}_loss"] = sum(losses) / len(losses)
-            out[f"{split}_acc"] = correct / max(scored, 1)
-        raw_model.train()
-        return out
+    def gather(self, obj):
+        """Every process's obj, in rank order (a collective: all processes call it)."""
+        if not self.distributed:
+            return [obj]
+        gathered = [None] * self.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
 
-    def get_lr(step):
-        # 1) linear warmup
-        if step < args.warmup_iters:
-            return args.lr * (step + 1) / (args.warmup_iters + 1)
-        # 2) constant after warmup
-        if args.lr_schedule == "constant":
-            return args.lr
-        # 3) cosine decay from lr to lr/10 at the last step
-        progress = min(1.0, (step - args.warmup_iters) / max(1, max_iters - args.warmup_iters))
-        return args.lr / 10 + 0.5 * (1 + math.cos(math.pi * progress)) * (args.lr - args.lr / 10)
+    def read_losses(self, losses, stop):
+        """Recent losses averaged over processes, and whether any process was asked to stop: one sync."""
+        values = torch.stack(losses + [torch.tensor(float(stop), device=self.device)])
+        if self.distributed:
+            dist.all_reduce(values)  # a NaN anywhere, or a stop anywhere, is seen everywhere
+        values = values.tolist()
+        return [v / self.world_size for v in values[:-1]], values[-1] > 0
 
-    def gather_rng_states():
-        """Every rank's random state (a collective under torchrun), so a resumed run draws the same batches."""
-        if not distributed:
-            return [rng_state(dataset, device)]
-        states = [None] * world_size
-        dist.all_gather_object(states, rng_state(dataset, device))
-        return states
-
-    def save(path, step, rng_states):
-        save_checkpoint(path, {
-            "arch": args.arch, "model_config": model_config_dict(raw_model), "model": raw_model.state_dict(),
-            "optimizer": optimizer.state_dict(), "tokenizer": dataset.tokenizer.state_dict(), "step": step,
-            "best_val_loss": best_val, "last_eval_step": last_eval_step, "elapsed_s": elapsed + time.time() - t0,
-            "train_time_s": train_time,
-            "rng": rng_states, "args": vars(args)})
-
-    # Ctrl-C / SIGTERM: finish the current step, save last.pt, exit. A second Ctrl-C stops at once.
-    stop_requested = []
-    previous_handlers = {}
-
-    def request_stop(signum, frame):
-        stop_requested.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous_handlers[sig] = signal.signal(sig, request_stop)
-
-    # the loop: evaluate/checkpoint -> step -> log -> stop
-    log_path = out_dir / "log.jsonl"
-    if master:
-        trim_log(log_path, step)
-    t0 = time.time()
-    recent_losses, running_loss = [], None
-    bar = tqdm(total=max_iters, initial=step, disable=not (master and args.progress), dynamic_ncols=True, leave=False)
-    model.train()
-    try:
-        while True:
-            if (step % eval_interval == 0 or step == max_iters) and step != last_eval_step:
-                last_eval_step = step
-                rng_states = gather_rng_states()
-                if master:
-                    metrics = estimate_loss()
-                    if not math.isfinite(metrics["val_loss"]):
-                        raise Diverged(f"validation loss is {metrics['val_loss']} at step {step}")
-                    record = {"step": step, "tokens": step * tokens_per_step, "time_s": round(elapsed + time.time() - t0, 2),
-                              "train_time_s": round(train_time, 2), "lr": get_lr(min(step, max_iters - 1)), **metrics}
-                    with open(log_path, "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                    bar.write(f"step {step:>6}: train loss {metrics['train_loss']:.4f}, val loss {metrics['val_loss']:.4f}")
-                    if metrics["val_loss"] < best_val:
-                        best_val = metrics["val_loss"]
-                        save(out_dir / "ckpt.pt", step, rng_states)
-                    save(out_dir / "last.pt", step, rng_states)
-            if step >= max_iters:
-                break
-
-            tick = time.time()
-            lr = get_lr(step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x, y = dataset.get_batch(args.batch_size)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with autocast:
-                _, loss = model(x, y)
-            loss.backward()
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            recent_losses.append(loss.detach())
-
-            # the host reads the losses (and the stop flag) only every log_interval steps: no syncs in between
-            if step % args.log_interval == 0 or step == max_iters or (stop_requested and not distributed):
-                check = torch.stack(recent_losses + [torch.tensor(float(bool(stop_requested)), device=device)])
-                if distributed:
-                    dist.all_reduce(check)  # sum over ranks: a NaN anywhere, or a stop anywhere, is seen everywhere
-                values = check.tolist()
-                losses, stop = [v / world_size for v in values[:-1]], values[-1] > 0
-                for i, value in enumerate(losses):
-                    if not math.isfinite(value):
-                        raise Diverged(f"loss became {value} at step {step - len(losses) + i + 1}")
-                running_loss = losses[-1] if running_loss is None else 0.9 * running_loss + 0.1 * losses[-1]
-                recent_losses = []
-                bar.set_postfix(loss=f"{running_loss:.4f}", best_val=f"{best_val:.4f}")
-                if stop:
-                    rng_states = gather_rng_states()
-                    if master:
-                        save(out_dir / "last.pt", step, rng_states)
-                    raise KeyboardInterrupt
-            train_time += time.time() - tick
-            bar.update(1)
-    except KeyboardInterrupt:
-        bar.close()
-        if master:
-            saved = load_checkpoint(out_dir / "last.pt")["step"] if (out_dir / "last.pt").exists() else 0
-            say(f"stopped; last.pt holds step {saved}. Resume with: python train.py --out-dir {out_dir} --resume")
-        raise SystemExit(130)
-    except Diverged as error:
-        bar.close()
-        raise UserError(f"training diverged: {error}. ckpt.pt (best val loss {best_val:.4f}) is untouched; "
-                        f"try a lower --lr") from None
-    finally:
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-    bar.close()
-
-    summary = {"params": n_params, "best_val_loss": best_val, "steps": step, "tokens": step * tokens_per_step,
-               "train_time_s": train_time, "tokens_per_s": step * tokens_per_step / max(train_time, 1e-9),
-               "out_dir": str(out_dir)}
-    if master:
-        say(f"done: best val loss {best_val:.4f} after {step} steps, {summary['tokens']:,} tokens, "
-            f"{summary['tokens_per_s']:,.0f} tokens/s")
-        if args.sample_tokens > 0:
-            prompt = torch.tensor([dataset.tokenizer.start_ids()], device=device)
-            text = dataset.tokenizer.decode(generate(raw_model, prompt, args.sample_tokens, top_k=None)[0].tolist())
-            say("sample:\n" + text)
-    if distributed:
-        dist.destroy_process_group()
-    return summary
-
-
-def prepare_out_dir(out_dir, args):
-    """Refuse to mix two runs in one folder unless asked to resume or overwrite."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file")
-    run_files = [out_dir / name for name in ("config.json", "log.jsonl", "ckpt.pt", "last.pt")]
-    if any(f.exists() for f in run_files) and not args.resume:
-        if not args.overwrite:
-            raise UserError(f"{out_dir} already holds a run: add --resume to continue it or --overwrite to replace it")
-        for f in run_files:
-            f.unlink(missing_ok=True)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {out_dir}: {error.strerror}") from None
-
-
-def trim_log(log_path, step):
-    """On resume, drop log lines past the checkpoint (a killed run may have written some)."""
-    if not log_path.exists():
-        return
-    lines = [line for line in log_path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
-    tmp = Path(str(log_path) + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, log_path)
-
-
-def check_compatible(checkpoint, arch, model_config, tokenizer_state):
-    """A resumed checkpoint must hold the same architecture, shape and vocabulary as the run asks for."""
-    if checkpoint["arch"] != arch:
-        raise UserError(f"the checkpoint holds a {checkpoint['arch']} model, but --arch {arch} was asked for")
-    if checkpoint["tokenizer"] != tokenizer_state:
-        raise UserError("the checkpoint's vocabulary differs from this data's: resume with the data and tokenizer it was trained on")
-    saved_config = checkpoint["model_config"]
-    config_class, _ = ARCHS[arch]
-    wanted = config_class(**model_config).__dict__
-    differ = [f"{k} {saved_config.get(k)} vs {v}" for k, v in wanted.items() if saved_config.get(k) != v]
-    if differ:
-        raise UserError(f"the checkpoint's model differs from the flags ({', '.join(differ)})")
+    def finish(self):
+        if self.distributed:
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 A GPT-style Transformer decoder, from scratch: the baseline New-LLM is measured against.
 
     python train.py --arch transformer                 # the default CPU-sized model
-    python train.py --preset seed-transformer          # the seed report's Transformer
+    python train.py --preset seed-transformer          # the report's Transformer (REPORT.md)
 
 Glossary
     B batch size   T sequence length   V vocabulary size   E embed_dim
@@ -24,13 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-IGNORE = -1  # targets equal to this are not scored
+from newllm import check_dropout, check_positive, language_model_loss  # the same loss and checks as New-LLM
 
 # -----------------------------------------------------------------------------
 # blocks
 
 
 class CausalSelfAttention(nn.Module):
+    reference = False  # True: the attention written out (attend_reference) instead of the fused kernel
+
     def __init__(self, config):
         super().__init__()
         E = config.embed_dim
@@ -51,14 +53,14 @@ class CausalSelfAttention(nn.Module):
         weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
         return weights @ v  # (B, nh, T, hd)
 
-    def forward(self, x, fused=True):
+    def forward(self, x):
         B, T, E = x.shape
         q, k, v = map(self.split_heads, self.qkv(x).split(E, dim=2))  # (B, nh, T, hd) each
-        if fused:  # the same maths in one kernel (flash / memory-efficient attention where available)
+        if self.reference:
+            y = self.attend_reference(q, k, v)
+        else:  # the same maths in one kernel (flash / memory-efficient attention where available)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:
-            y = self.attend_reference(q, k, v)
         return self.proj(y.transpose(1, 2).reshape(B, T, E))  # heads side by side again: (B, T, E)
 
     def step(self, x, cache):
@@ -90,11 +92,11 @@ class Block(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, fused=True):
+    def forward(self, x):
         if self.post_norm:  # the original Transformer: normalise after each residual sum
-            x = self.ln_attn(x + self.drop(self.attn(x, fused)))
+            x = self.ln_attn(x + self.drop(self.attn(x)))
             return self.ln_mlp(x + self.drop(self.mlp(x)))
-        x = x + self.drop(self.attn(self.ln_attn(x), fused))
+        x = x + self.drop(self.attn(self.ln_attn(x)))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
     def step(self, x, cache):
@@ -127,12 +129,10 @@ class TransformerConfig:
         if self.hidden_dim is None:
             self.hidden_dim = 4 * self.embed_dim
         for name in ("vocab_size", "block_size", "embed_dim", "heads", "layers", "hidden_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive (got {getattr(self, name)})")
+            check_positive(self, name)
         if self.embed_dim % self.heads:
             raise ValueError(f"--heads {self.heads} must divide --embed-dim {self.embed_dim}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1) (got {self.dropout})")
+        check_dropout(self.dropout)
         if self.init not in ("gpt2", "torch"):
             raise ValueError(f"--init must be gpt2 or torch (got {self.init})")
 
@@ -166,19 +166,16 @@ class Transformer(nn.Module):
             for module in (block.attn.proj, block.mlp.down):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.layers))
 
-    def forward(self, idx, targets=None, fused=True):
+    def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""
         T = idx.size(1)
         if T > self.config.block_size:
             raise ValueError(f"sequence of {T} tokens, but the position table has {self.config.block_size}")
         x = self.drop(self.tok_emb(idx) + self.pos_emb(torch.arange(T, device=idx.device)))  # (B, T, E)
         for block in self.blocks:
-            x = block(x, fused)
+            x = block(x)
         logits = self.head(self.ln_final(x))  # (B, T, V)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
-        return logits, loss
+        return logits, language_model_loss(logits, targets)
 
     def init_state(self, batch_size, device):
         """The KV cache starts empty and grows by one position per step."""

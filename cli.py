@@ -1,0 +1,70 @@
+"""
+What every command-line script shares: a user's mistake ends as one line (never a
+traceback), argparse reports a bad flag the same way, and the device is chosen once.
+
+Nothing here is about language models; read newllm.py first.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for. Scripts print it as one line and exit 2."""
+
+
+def run_script(main, io_note=""):
+    """Run a script's main(): a user's mistake or an I/O failure ends as one line on stderr, no traceback.
+    io_note is added to an I/O failure's line (train.py: its checkpoints are written atomically)."""
+    try:
+        main()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as error:
+        print(f"error: {error.strerror or error} ({error.filename or 'I/O'}){io_note}", file=sys.stderr)
+        sys.exit(1)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one UserError line instead of a usage screen."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see python {self.prog} --help)")
+
+
+def pick_device(name):
+    """'auto' -> cuda, then mps, then cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but PyTorch sees no CUDA GPU here (try --device auto)")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for, but this machine has no Apple GPU (try --device auto)")
+    if name not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unknown device '{name}' (choose auto, cpu, cuda or mps)")
+    return torch.device(name)
+
+
+def hardware(device):
+    """A short description of where a run happened, for results tables."""
+    if device.type == "cuda":
+        return f"1x {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "Apple GPU (mps)"
+    name = "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{torch.get_num_threads()} threads of {name}"

@@ -1,0 +1,58 @@
+"""
+The vector context's recurrence, c_t = a_t * c_{t-1} + b_t (c_0 = 0), for every position:
+the loop that defines it, and the chunked form that training runs (stack.py's vector mixer).
+
+    sequential_scan   the definition, one position at a time: T steps
+    parallel_scan     the same numbers, a chunk of 16 positions at a time: T/16 steps
+
+Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
+
+Because a_t and b_t depend on the input only (never on c_{t-1}), the recurrence has a
+closed form (Heinsen 2023): with A_t = sum_{r<=t} log a_r,
+    c_t = exp(A_t) * sum_{s<=t} b_s exp(-A_s).
+Inside a chunk that is two cumulative sums; exp(-A_s) stays below e^64 because every keep
+gate is at least MIN_KEEP = e^-4 (16 positions x 4). test_models.py checks values and
+gradients against the loop.
+
+The context matrix's recurrence (the delta rule) has its own file: delta_rule.py.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MIN_KEEP = math.exp(-4)  # a_t >= e^-4 ~ 0.018: 16 positions of decay stay within float32's range
+CHUNK = 16
+
+
+def sequential_scan(log_a, b):
+    """The definition, one position at a time. log_a, b: (B, T, C) -> c: (B, T, C)."""
+    context = torch.zeros_like(b[:, 0])
+    out = []
+    for t in range(b.size(1)):
+        context = log_a[:, t].exp() * context + b[:, t]
+        out.append(context)
+    return torch.stack(out, dim=1)
+
+
+def parallel_scan(log_a, b):
+    """The same result, a chunk of positions at a time.
+
+    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start,
+        c_t = exp(A_t) * (c_start + sum_{s<=t} b_s * exp(-A_s))
+    is two cumulative sums. Then a short loop over the chunk ends carries c from one
+    chunk into the next.
+    """
+    B, T, C = b.shape
+    pad = (-T) % CHUNK  # zeros at the end: b = 0 adds nothing and log a = 0 keeps everything
+    log_a = F.pad(log_a, (0, 0, 0, pad)).view(B, -1, CHUNK, C)  # (B, n, Q, C)
+    b = F.pad(b, (0, 0, 0, pad)).view(B, -1, CHUNK, C)  # (B, n, Q, C)
+    A = log_a.cumsum(dim=2)  # log decay from each chunk's start to position t
+    local = A.exp() * (b * (-A).exp()).cumsum(dim=2)  # every chunk scanned from c_start = 0
+    decay, ends = A[:, :, -1].exp().unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
+    starts = [torch.zeros_like(ends[0])]
+    for i in range(len(ends) - 1):  # c at each chunk's start, chunk by chunk
+        starts.append(decay[i] * starts[-1] + ends[i])
+    c = local + A.exp() * torch.stack(starts, dim=1)[:, :, None]  # add what came in from before: (B, n, Q, C)
+    return c.reshape(B, -1, C)[:, :T]

@@ -1,0 +1,348 @@
+"""
+The context stack: the report's proposed fixes (REPORT.md) built into one attention-free
+model. Read newllm.py first; this is where its single context vector goes next.
+
+    python train.py --preset best-newllm-cpu                  # the best vector stack, ~0.8M parameters
+    python train.py --preset best-matrix-cpu                  # the context-matrix stack, same size
+    python train.py --arch stack --mixer matrix --context-heads 2
+
+Glossary
+    B batch size    T sequence length    V vocabulary size    E embed_dim    H hidden_dim (MLP)
+    L layers (blocks, one context each)  C context_dim        S short_conv (kernel width)
+    nh context_heads (matrix mixer)      d = C / nh (key and value width per head)
+    W local_window (the hybrid only)
+
+What changes from newllm.py. The report's model reads c_{t-1} through its whole FNN, so
+training must visit the positions one by one. Here every gate and value is computed from
+the block's input u_t alone, never from the context, so the context can be computed for
+all positions at once (scan.py, delta_rule.py), and the model is a stack of L residual
+blocks shaped like a Transformer's with attention replaced by a context ("several context
+vectors", the report's fix 1):
+    u   = conv(LN(x))                 --short-conv S: causal depthwise conv over the last S inputs
+    x  += W_o (norm(m_t) * silu(W_r u_t))     read the memory m_t out, gated by the input
+    x  += MLP(LN(x))
+
+The memory m_t, chosen by --mixer:
+  vector  one context vector per block (the report's, with its fix 4, the gate):
+            a_t = f + (1 - f) sigmoid(W_a u_t)   keep gate (--gate; without it a_t = 1: plain addition)
+            c_t = a_t * c_{t-1} + (1 - a_t) * W_v u_t                                        (C)
+          --timescales: per-channel floors f from ~0 (forgets at once) to ~1 (remembers about T
+          tokens): fast and slow contexts by construction (the report's fix 2, hierarchy).
+  matrix  one context matrix per head: a memory of key -> value associations, written with the
+          delta rule (Widrow-Hoff; DeltaNet, Schlag et al. 2021 and Yang et al. 2024):
+            q_t, k_t, v_t = W_q u_t, W_k u_t, W_v u_t, split into nh heads; q, k L2-normalised
+            beta_t = sigmoid(W_b u_t)            how strongly to write (one per head)
+            alpha_t = sigmoid(W_a u_t + 3)       keep gate (--gate, Gated DeltaNet; else 1)
+            S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T                  (d x d)
+            m_t = S_t q_t
+          Why a matrix. The vector's update can only add: c_t = a c_{t-1} + b_t mixes the new
+          fact into everything already there, and reading it back gives the blend. The matrix
+          stores each value under its own key. S k_t is what the memory holds for k_t now, and
+          the update S + beta_t (v_t - S k_t) k_t^T replaces that one entry by v_t, leaving
+          the directions orthogonal to k_t untouched: it can look a fact up and overwrite it,
+          which is what associative recall needs (results/recall.md). Its size is still fixed:
+          nh * d * d numbers per block, whatever the length of the text.
+  --local-window W  the hybrid (the report's fix 3): each block also attends to its last W
+          positions. The one variant with attention; its state is bounded by W, not by T.
+
+Left out on purpose: no attention except the hybrid's window; no custom kernels (both
+recurrences are plain PyTorch, so they also run on a laptop).
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from delta_rule import delta_rule_chunked, delta_rule_loop, delta_rule_step
+from newllm import check_dropout, check_positive, language_model_loss
+from scan import MIN_KEEP, parallel_scan, sequential_scan
+from transformer import MLP, CausalSelfAttention
+
+MATRIX_CHUNK = 64  # positions per chunk of the delta rule's training form
+KEEP_OFFSET = 3.0  # the matrix keep gate starts near sigmoid(3) = 0.95: remember unless told to forget
+
+# -----------------------------------------------------------------------------
+# small pieces: the short convolution and the gate floors
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise convolution: u_t = bias + sum_k w_k * x_{t-S+1+k}, channel by channel."""
+
+    def __init__(self, channels, width):
+        super().__init__()
+        bound = 1 / math.sqrt(width)  # PyTorch's default for a depthwise Conv1d
+        self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, S), oldest first
+        self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+
+    def forward(self, x):
+        T, S = x.size(1), self.weight.size(1)
+        padded = F.pad(x, (0, 0, S - 1, 0))  # S - 1 zeros before the first position: (B, T + S - 1, E)
+        return self.bias + sum(padded[:, k : k + T] * self.weight[:, k] for k in range(S))  # (B, T, E)
+
+    def step(self, x, recent):
+        """x (B, E) and the last S - 1 inputs (B, S - 1, E) -> u (B, E) and the new last S - 1 inputs."""
+        window = torch.cat([recent, x[:, None]], dim=1)  # (B, S, E), oldest first
+        return self.bias + (window * self.weight.T).sum(dim=1), window[:, 1:]
+
+
+def at_least_float32(x):
+    """float32 for bfloat16 and float16 inputs (autocast); float64 stays float64 (the tests' reference)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def gate_floors(channels, timescales, longest):
+    """Per-channel floors f of the keep gate a = f + (1 - f) * sigmoid(.), never below MIN_KEEP.
+
+    With --timescales, channel i cannot forget faster than a half-life h_i; the half-lives
+    run geometrically from 1/8 token (f ~ 0) to `longest` tokens (f ~ 1): f = 0.5 ** (1 / h).
+    """
+    if not timescales:
+        return torch.full((channels,), MIN_KEEP)
+    half_lives = torch.logspace(math.log10(0.125), math.log10(max(longest, 2)), channels)
+    return (0.5 ** (1.0 / half_lives)).clamp(min=MIN_KEEP)  # (C,)
+
+
+# -----------------------------------------------------------------------------
+# the two memories: a context vector, a context matrix
+
+
+class VectorMixer(nn.Module):
+    """One context vector per block, written from the block's input only, read out gated."""
+
+    reference = False  # True: sequential_scan (the loop) instead of parallel_scan
+
+    def __init__(self, config):
+        super().__init__()
+        E, C = config.embed_dim, config.context_dim
+        self.config = config
+        # one matmul for the read gate r_t, the value v_t and (with --gate) the keep gate's logit
+        self.to_inputs = nn.Linear(E, (3 if config.gate else 2) * C)
+        self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()
+        self.proj = nn.Linear(C, E)
+        self.register_buffer("floor", gate_floors(C, config.timescales, config.block_size), persistent=False)
+
+    def coefficients(self, u):
+        """u (..., E) -> log a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
+        read, value, *gate = self.to_inputs(u).split(self.config.context_dim, dim=-1)
+        value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
+        if not gate:
+            return torch.zeros_like(value), value, read  # a_t = 1: the report's plain addition
+        logit = at_least_float32(gate[0])
+        keep = self.floor + (1 - self.floor) * torch.sigmoid(logit)  # a_t
+        write = (1 - self.floor) * torch.sigmoid(-logit)  # 1 - a_t, written without cancellation
+        return keep.log(), write * value, read
+
+    def read_out(self, memory, read):
+        return self.proj(self.norm(memory.to(read.dtype)) * F.silu(read))
+
+    def forward(self, u):
+        log_a, b, read = self.coefficients(u)  # (B, T, C) each
+        scan = sequential_scan if self.reference else parallel_scan
+        return self.read_out(scan(log_a, b), read)  # c for every position at once: (B, T, C)
+
+    def init_state(self, batch_size, device):
+        return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
+
+    def step(self, u, context):
+        log_a, b, read = self.coefficients(u)
+        context = log_a.exp() * context + b
+        return self.read_out(context, read), context
+
+
+class MatrixMixer(nn.Module):
+    """One d x d context matrix per head, written with the (gated) delta rule, read out gated."""
+
+    reference = False  # True: delta_rule_loop (the definition) instead of delta_rule_chunked
+
+    def __init__(self, config):
+        super().__init__()
+        E, C, nh = config.embed_dim, config.context_dim, config.context_heads
+        self.config = config
+        # one matmul for r_t, q_t, k_t, v_t (C each), beta_t's logit and (with --gate) alpha_t's (nh each)
+        self.to_inputs = nn.Linear(E, 4 * C + (2 if config.gate else 1) * nh)
+        self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()
+        self.proj = nn.Linear(C, E)
+
+    def coefficients(self, u):
+        """u (..., E) -> q, k, v as (..., nh, d) with q, k unit length; beta, log alpha (..., nh); read gate r_t."""
+        C, nh = self.config.context_dim, self.config.context_heads
+        read, q, k, v, gates = self.to_inputs(u).split([C, C, C, C, (2 if self.config.gate else 1) * nh], dim=-1)
+        q, k, v = (x.unflatten(-1, (nh, C // nh)) for x in (q, k, v))  # (..., nh, d)
+        q, k = F.normalize(at_least_float32(q), dim=-1), F.normalize(at_least_float32(k), dim=-1)
+        beta, *alpha = at_least_float32(gates).split(nh, dim=-1)
+        log_alpha = F.logsigmoid(alpha[0] + KEEP_OFFSET) if alpha else None
+        return q, k, v, torch.sigmoid(beta), log_alpha, read
+
+    def forward(self, u):
+        q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, d) and (B, T, nh)
+        heads_first = lambda x: None if x is None else x.transpose(1, 2)  # (B, nh, T, ...)
+        args = map(heads_first, (q, k, v, beta, log_alpha))
+        memory = delta_rule_loop(*args) if self.reference else delta_rule_chunked(*args, chunk=MATRIX_CHUNK)
+        return self.read_out(memory.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t: (B, T, C)
+
+    def read_out(self, memory, read):
+        return self.proj(self.norm(memory.to(read.dtype)) * F.silu(read))
+
+    def init_state(self, batch_size, device):
+        d = self.config.context_dim // self.config.context_heads
+        return torch.zeros(batch_size, self.config.context_heads, d, d, device=device)  # S_0 = 0, (B, nh, d, d)
+
+    def step(self, u, memory):
+        q, k, v, beta, log_alpha, read = self.coefficients(u)
+        out, memory = delta_rule_step(memory, q, k, v, beta, log_alpha)  # (B, nh, d), (B, nh, d, d)
+        return self.read_out(out.flatten(1), read), memory
+
+
+class LocalAttention(CausalSelfAttention):
+    """The hybrid's attention (--local-window W): the Transformer's, restricted to the last W positions."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.window = config.local_window
+
+    def forward(self, x):
+        B, T, E = x.shape
+        q, k, v = map(self.split_heads, self.qkv(x).split(E, dim=2))
+        t = torch.arange(T, device=x.device)
+        lag = t[:, None] - t[None, :]  # (T, T): how far back key s is from query t
+        band = (lag >= 0) & (lag < self.window)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
+                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        return self.proj(y.transpose(1, 2).reshape(B, T, E))
+
+    def step(self, x, cache):
+        y, (k, v) = super().step(x, cache)
+        start = max(0, k.size(2) - (self.window - 1))  # keep W - 1 positions: with the next token, W in view
+        return y, (k[:, :, start:], v[:, :, start:])
+
+
+# -----------------------------------------------------------------------------
+# a block, and the stack of them
+
+
+class ContextBlock(nn.Module):
+    """u = conv(LN(x));  x += mixer(u) [+ local attention(LN(x))];  x += MLP(LN(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.ln_mix = nn.LayerNorm(config.embed_dim)
+        self.conv = ShortConv(config.embed_dim, config.short_conv) if config.short_conv > 0 else None
+        self.mixer = VectorMixer(config) if config.mixer == "vector" else MatrixMixer(config)
+        self.local = LocalAttention(config) if config.local_window > 0 else None
+        self.ln_mlp = nn.LayerNorm(config.embed_dim)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        normed = self.ln_mix(x)
+        mixed = self.mixer(self.conv(normed) if self.conv is not None else normed)
+        if self.local is not None:
+            mixed = mixed + self.local(normed)
+        x = x + self.drop(mixed)
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+    def init_state(self, batch_size, device):
+        S = self.conv.weight.size(1) if self.conv is not None else 1
+        return {"memory": self.mixer.init_state(batch_size, device),
+                "recent": torch.zeros(batch_size, S - 1, self.ln_mix.normalized_shape[0], device=device),
+                "local": None}  # the conv's last S - 1 inputs; the hybrid's window of keys and values
+
+    def step(self, x, state):
+        normed = u = self.ln_mix(x)
+        if self.conv is not None:
+            u, state["recent"] = self.conv.step(normed, state["recent"])
+        mixed, state["memory"] = self.mixer.step(u, state["memory"])
+        if self.local is not None:
+            local, state["local"] = self.local.step(normed, state["local"])
+            mixed = mixed + local
+        x = x + mixed
+        return x + self.mlp(self.ln_mlp(x)), state
+
+
+@dataclass
+class StackConfig:
+    vocab_size: int = 65                # V: tokens read and predicted
+    block_size: int = 128               # longest training sequence (rows of the position table, if any)
+    embed_dim: int = 256                # E: width of the residual stream
+    context_dim: int = 256              # C: the vector's size; the matrix mixer's q, k, v width (all heads)
+    hidden_dim: Optional[int] = None    # H: MLP width; 4E when not given
+    layers: int = 3                     # L: blocks, one context (vector or matrices) each
+    dropout: float = 0.1                # on each residual branch
+    mixer: str = "vector"               # "vector": a context vector; "matrix": delta-rule context matrices
+    context_heads: int = 1              # nh: matrix mixer: heads, each a (C/nh) x (C/nh) matrix
+    gate: bool = True                   # keep gate a_t (vector) / alpha_t (matrix); off: plain writes
+    context_norm: bool = True           # LayerNorm on the memory before it is read out
+    short_conv: int = 4                 # S: causal depthwise conv width before the mixer (0 = off)
+    timescales: bool = False            # vector mixer: per-channel gate floors, fast and slow channels
+    local_window: int = 0               # W: the hybrid's attention window (0 = attention-free)
+    heads: int = 4                      # the hybrid's attention heads
+    pos_embed: bool = False             # learned positions (caps the length at block_size)
+
+    def __post_init__(self):
+        if self.hidden_dim is None:
+            self.hidden_dim = 4 * self.embed_dim
+        for name in ("vocab_size", "block_size", "embed_dim", "context_dim", "hidden_dim", "layers",
+                     "context_heads", "heads"):
+            check_positive(self, name)
+        check_dropout(self.dropout)
+        if self.mixer not in ("vector", "matrix"):
+            raise ValueError(f"--mixer must be vector or matrix (got {self.mixer})")
+        if self.context_dim % self.context_heads:
+            raise ValueError(f"--context-heads {self.context_heads} must divide --context-dim {self.context_dim}")
+        if self.mixer == "vector" and self.context_heads != 1:
+            raise ValueError("--context-heads belongs to the matrix mixer: add --mixer matrix")
+        if self.timescales and not (self.gate and self.mixer == "vector"):
+            raise ValueError("--timescales shapes the vector mixer's gate: use --mixer vector --gate")
+        if self.short_conv < 0 or self.local_window < 0:
+            raise ValueError("--short-conv and --local-window must be 0 (off) or positive")
+        if self.local_window and self.embed_dim % self.heads:
+            raise ValueError(f"--heads {self.heads} must divide --embed-dim {self.embed_dim}")
+
+
+class ContextStack(nn.Module):
+    """Embeddings -> L context blocks -> LayerNorm -> token head."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.embed_dim)
+        self.pos_emb = nn.Embedding(config.block_size, config.embed_dim) if config.pos_embed else None
+        self.blocks = nn.ModuleList([ContextBlock(config) for _ in range(config.layers)])
+        self.ln_final = nn.LayerNorm(config.embed_dim)
+        self.head = nn.Linear(config.embed_dim, config.vocab_size)
+        self.max_len = config.block_size if config.pos_embed else None  # generation re-reads past this
+        # PyTorch's default initialisation: here as good as GPT-2's
+
+    def embed(self, idx, start=0):
+        """Token (plus position) embedding. idx (B, T) from position `start` -> (B, T, E)."""
+        x = self.tok_emb(idx)
+        if self.pos_emb is not None:
+            if start + idx.size(1) > self.config.block_size:
+                raise ValueError(f"this model has learned positions up to {self.config.block_size} only")
+            x = x + self.pos_emb(torch.arange(start, start + idx.size(1), device=idx.device))
+        return x
+
+    def forward(self, idx, targets=None):
+        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""
+        x = self.embed(idx)  # (B, T, E)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.head(self.ln_final(x))  # (B, T, V)
+        return logits, language_model_loss(logits, targets)
+
+    def init_state(self, batch_size, device):
+        """Every block's memory and conv window: the same size after 10 tokens or 10 million."""
+        return {"position": 0, "blocks": [block.init_state(batch_size, device) for block in self.blocks]}
+
+    @torch.no_grad()
+    def step(self, token, state):
+        """token (B,) -> next-token logits (B, V), and the state after reading it."""
+        x = self.embed(token[:, None], state["position"])[:, 0]  # (B, E)
+        for i, block in enumerate(self.blocks):
+            x, state["blocks"][i] = block.step(x, state["blocks"][i])
+        state["position"] += 1
+        return self.head(self.ln_final(x)), state
