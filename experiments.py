@@ -15,6 +15,7 @@ import json
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tqdm import tqdm
 import train
 from checkpoint import load_checkpoint
 from cli import Parser, hardware, pick_device, run_script
-from data import IGNORE, RecallTask, load_dataset
+from data import RecallTask, load_dataset
 from models import build_model, count_params, model_from_checkpoint, state_size
 from plot import plot_runs
 
@@ -337,18 +338,11 @@ def load_model(run_dir, device):
     return model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt", map_location=device)).to(device).eval()
 
 
-@torch.no_grad()
 def recall_accuracy(model, num_pairs, vocab, length, device, sequences=512):
     """Accuracy on the answer positions of fresh sequences of `length` tokens with exactly num_pairs pairs."""
     task = RecallTask(vocab, num_pairs, length, length, seed=99)
-    scored_right, scored = 0, 0
-    for x, y in task.eval_batches("val", 64, sequences // 64):
-        x, y = x.to(device), y.to(device)
-        predictions = model(x)[0].argmax(-1)
-        mask = y != IGNORE
-        scored_right += (predictions[mask] == y[mask]).sum().item()
-        scored += mask.sum().item()
-    return scored_right / scored
+    batches = {"val": task.eval_batches("val", 64, sequences // 64)}
+    return train.estimate_loss(model, batches, device, nullcontext())["val_acc"]
 
 
 @torch.no_grad()

@@ -94,7 +94,8 @@ class ContextCell(nn.Module):
         # The first Linear reads [x_t ; c_{t-1}], i.e. W [x_t ; c] = W_x x_t + W_c c. Only W_c c needs the
         # loop: the token half W_x x_t + b is done for every position in one matmul, before it.
         E = self.config.embed_dim
-        token_weight, context_weight = self.fnn[0].weight[:, :E], self.fnn[0].weight[:, E:]  # (H, E), (H, C)
+        token_weight = self.fnn[0].weight[:, :E]  # (H, E)
+        context_weight = self.fnn[0].weight[:, E:].contiguous()  # (H, C), copied once here, not at every position
         token_part = F.linear(x, token_weight, self.fnn[0].bias).unbind(1)  # T tensors of (B, H)
         hiddens = []
         for t in range(x.size(1)):

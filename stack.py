@@ -58,7 +58,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from delta_rule import delta_rule_chunked, delta_rule_loop, delta_rule_step
-from newllm import check_dropout, check_positive, language_model_loss
+from newllm import NewLLM, check_dropout, check_positive, language_model_loss
 from scan import MIN_KEEP, parallel_scan, sequential_scan
 from transformer import MLP, CausalSelfAttention
 
@@ -317,14 +317,7 @@ class ContextStack(nn.Module):
         self.max_len = config.block_size if config.pos_embed else None  # generation re-reads past this
         # PyTorch's default initialisation: here as good as GPT-2's
 
-    def embed(self, idx, start=0):
-        """Token (plus position) embedding. idx (B, T) from position `start` -> (B, T, E)."""
-        x = self.tok_emb(idx)
-        if self.pos_emb is not None:
-            if start + idx.size(1) > self.config.block_size:
-                raise ValueError(f"this model has learned positions up to {self.config.block_size} only")
-            x = x + self.pos_emb(torch.arange(start, start + idx.size(1), device=idx.device))
-        return x
+    embed = NewLLM.embed  # token (plus position) embedding, as in the report's model
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""
