@@ -10,6 +10,10 @@ What a checkpoint holds (train.py writes it; sample.py and the studies read it):
   step, best_val_loss, last_eval_step, elapsed_s, train_time_s    where the run stands
   rng                  every random state that decides the next batch and dropout mask
   args                 the flags of the run
+  format               the layout's number (FORMAT); models.model_from_checkpoint reads older ones too
+
+Used by train.py (writing), sample.py and experiments.py (reading); test_train.py kills
+writers at random moments to show that nothing is ever half-written.
 """
 
 import os
@@ -21,7 +25,7 @@ import torch
 
 from cli import UserError
 
-FORMAT = 2  # checkpoints without this number come from the single-file layout (models.py reads them)
+FORMAT = 2  # format 1 (no number) kept both New-LLM models under arch "newllm"; models.py converts it
 
 try:  # the lock: flock on POSIX, a locked byte on Windows; either is released by the OS when a process dies
     import fcntl

@@ -10,102 +10,113 @@ k_t is L2-normalised by the caller, beta_t in (0, 1) is how strongly to write, a
 in (0, 1] is how much of the old memory to keep (no gate: alpha_t = 1). Reading S k_t gives what the memory
 currently stores under k_t; the update replaces (a beta_t fraction of) it by v_t instead of adding on top.
 
-Glossary: B batch rows, H heads, T positions, dk key/query width, dv value width, C chunk length,
-n = ceil(T / C) chunks. S is (dv, dk) per batch row and head.
+Glossary: B batch rows, nh heads, T positions, dk key/query width, dv value width, Q = CHUNK positions
+per chunk, n = ceil(T / Q) chunks. S is (dv, dk) per batch row and head.
 
 delta_rule_loop is the definition (one position at a time, via delta_rule_step, also used for generation);
-delta_rule_chunked computes the same thing a chunk at a time. test_delta_rule.py proves they agree
-(values and gradients).
+delta_rule_chunked computes the same thing a chunk at a time and is what training runs (stack.py's
+matrix mixer). test_delta_rule.py checks that they agree, values and gradients:
+
+    python -m pytest -q test_delta_rule.py
 """
 import torch
 import torch.nn.functional as F
 
 
+CHUNK = 64  # positions per chunk of the training form
+
+
+def at_least_float32(x):
+    """float32 for bfloat16 and float16 inputs (autocast), float64 stays float64 (the tests' reference):
+    bfloat16 has no solve_triangular kernel, and a recurrence summed in it drifts."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _upcast(*xs):
-    """At least float32 (bfloat16 has no solve_triangular kernel and drifts in the recurrence); keeps float64."""
-    return [None if x is None else x.to(torch.promote_types(x.dtype, torch.float32)) for x in xs]
+    return [None if x is None else at_least_float32(x) for x in xs]
 
 
 def delta_rule_step(S, q, k, v, beta, log_alpha=None):
-    """One position. S: (B, H, dv, dk); q, k: (B, H, dk); v: (B, H, dv); beta, log_alpha: (B, H).
-    Returns (o: (B, H, dv) in v's dtype, S_new: (B, H, dv, dk) in at least float32)."""
+    """One position. S: (B, nh, dv, dk); q, k: (B, nh, dk); v: (B, nh, dv); beta, log_alpha: (B, nh).
+    Returns (o: (B, nh, dv) in v's dtype, S_new: (B, nh, dv, dk) in at least float32)."""
     out_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         S, q, k, v, beta, log_alpha = _upcast(S, q, k, v, beta, log_alpha)
         if log_alpha is not None:
             S = log_alpha.exp()[..., None, None] * S                 # forget: alpha_t S_{t-1}
-        u = beta[..., None] * (v - (S @ k[..., None]).squeeze(-1))  # (B, H, dv) new value minus what S says for k
-        S = S + u[..., None] * k[..., None, :]                      # (B, H, dv, dk) S + u k^T
-        o = (S @ q[..., None]).squeeze(-1)                          # (B, H, dv) read with the query
+        u = beta[..., None] * (v - (S @ k[..., None]).squeeze(-1))  # (B, nh, dv) new value minus what S says for k
+        S = S + u[..., None] * k[..., None, :]                      # (B, nh, dv, dk) S + u k^T
+        o = (S @ q[..., None]).squeeze(-1)                          # (B, nh, dv) read with the query
     return o.to(out_dtype), S
 
 
 def delta_rule_loop(q, k, v, beta, log_alpha=None):
-    """The definition, one position at a time. q, k: (B, H, T, dk); v: (B, H, T, dv); beta, log_alpha: (B, H, T).
-    Returns o: (B, H, T, dv)."""
-    B, H, T, dk = k.shape
-    S = torch.zeros(B, H, v.shape[-1], dk, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
+    """The definition, one position at a time. q, k: (B, nh, T, dk); v: (B, nh, T, dv); beta, log_alpha:
+    (B, nh, T). Returns o: (B, nh, T, dv)."""
+    B, nh, T, dk = k.shape
+    S = torch.zeros(B, nh, v.shape[-1], dk, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
     outs = []
     for t in range(T):
         la = None if log_alpha is None else log_alpha[:, :, t]
         o, S = delta_rule_step(S, q[:, :, t], k[:, :, t], v[:, :, t], beta[:, :, t], la)
         outs.append(o)
-    return torch.stack(outs, dim=2)                                 # (B, H, T, dv)
+    return torch.stack(outs, dim=2)                                 # (B, nh, T, dv)
 
 
-def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=64):
+def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
     """The same result as delta_rule_loop, a chunk of positions at a time.
 
     Rewrite the update as S_t = alpha_t S_{t-1} + u_t k_t^T with u_t = beta_t (v_t - alpha_t S_{t-1} k_t).
-    In a chunk starting from state S_0, let g_t = cumsum of log_alpha inside the chunk, gamma_t = exp(g_t). Then
+    In a chunk of Q positions starting from state S_0, let g_t = cumsum of log_alpha inside the chunk and
+    gamma_t = exp(g_t). Then
         S_t = gamma_t S_0 + sum_{i<=t} exp(g_t - g_i) u_i k_i^T
         u_t + beta_t sum_{i<t} exp(g_t - g_i) (k_t . k_i) u_i = beta_t (v_t - gamma_t S_0 k_t)
     i.e. (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A[t, i] = beta_t exp(g_t - g_i) (k_t . k_i) for i < t.
-    With T = (I + A)^{-1} (here not the length; a unit lower-triangular solve; rows are positions):
-        W = T diag(beta gamma) K,   U0 = T diag(beta) V,   U = U0 - W S_0^T
+    With M = (I + A)^{-1} (a unit lower-triangular solve; rows of K, V, U, W, O are positions):
+        W = M diag(beta gamma) K,   U0 = M diag(beta) V,   U = U0 - W S_0^T
         O = diag(gamma) Q S_0^T + ((Q K^T) * causal mask (i <= t) * exp(g_t - g_i)) U
-        S_end = gamma_C S_0 + U^T D K = S_0 (gamma_C I - W^T D K) + U0^T D K,   D = diag(exp(g_C - g))
+        S_end = gamma_Q S_0 + U^T D K = S_0 (gamma_Q I - W^T D K) + U0^T D K,   D = diag(exp(g_Q - g))
     Everything but the last line's recurrence over chunks uses only a chunk's own inputs, so it runs for all
     chunks at once; the loop over chunks is one matmul and one add per chunk.
     """
     out_dtype = v.dtype
-    with torch.autocast(q.device.type, enabled=False):              # all in float32 even under bf16 autocast
+    with torch.autocast(q.device.type, enabled=False):              # float32 (or float64) even under bf16 autocast
         q, k, v, beta, log_alpha = _upcast(q, k, v, beta, log_alpha)
         if log_alpha is None:
             log_alpha = torch.zeros_like(beta)                      # no gate: alpha = 1
-        B, H, T, dk = k.shape
+        B, nh, T, dk = k.shape
         dv = v.shape[-1]
-        C = min(chunk, T)
-        n = -(-T // C)
+        Q = min(chunk, T)
+        n = -(-T // Q)  # ceil(T / Q)
         # Zero padding is harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last.
-        pad = n * C - T
-        q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, H, n, C, -1) for x in (q, k, v))  # (B, H, n, C, dk or dv)
-        beta, log_alpha = (F.pad(x, (0, pad)).reshape(B, H, n, C) for x in (beta, log_alpha))  # (B, H, n, C)
+        pad = n * Q - T
+        q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, nh, n, Q, -1) for x in (q, k, v))  # (B, nh, n, Q, dk or dv)
+        beta, log_alpha = (F.pad(x, (0, pad)).reshape(B, nh, n, Q) for x in (beta, log_alpha))  # (B, nh, n, Q)
 
-        g = log_alpha.cumsum(-1)                                    # (B, H, n, C) log of decay since chunk start
-        gamma = g.exp()                                             # (B, H, n, C) gamma_t = exp(g_t) <= 1
-        causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # (C, C) i <= t
-        diff = g[..., :, None] - g[..., None, :]                    # (B, H, n, C, C) g_t - g_i
-        decay = diff.masked_fill(~causal, float("-inf")).exp()      # (B, H, n, C, C) mask BEFORE exp: only exp(<= 0)
+        g = log_alpha.cumsum(-1)                                    # (B, nh, n, Q) log of decay since chunk start
+        gamma = g.exp()                                             # (B, nh, n, Q) gamma_t = exp(g_t) <= 1
+        causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()  # (Q, Q) i <= t
+        diff = g[..., :, None] - g[..., None, :]                    # (B, nh, n, Q, Q) g_t - g_i
+        decay = diff.masked_fill(~causal, float("-inf")).exp()      # (B, nh, n, Q, Q) mask BEFORE exp: only exp(<= 0)
 
         # Within-chunk solve, all chunks at once.
-        A = (beta[..., None] * decay * (k @ k.mT)).tril(-1)         # (B, H, n, C, C) strictly lower triangular
-        eye = torch.eye(C, dtype=q.dtype, device=q.device)
-        rhs = torch.cat([(beta * gamma)[..., None] * k, beta[..., None] * v], dim=-1)  # (B, H, n, C, dk + dv)
-        WU0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # T @ rhs
-        W, U0 = WU0.split([dk, dv], dim=-1)                         # (B, H, n, C, dk), (B, H, n, C, dv)
+        A = (beta[..., None] * decay * (k @ k.mT)).tril(-1)         # (B, nh, n, Q, Q) strictly lower triangular
+        eye = torch.eye(Q, dtype=q.dtype, device=q.device)
+        rhs = torch.cat([(beta * gamma)[..., None] * k, beta[..., None] * v], dim=-1)  # (B, nh, n, Q, dk + dv)
+        WU0 = torch.linalg.solve_triangular(eye + A, rhs, upper=False, unitriangular=True)  # M @ rhs
+        W, U0 = WU0.split([dk, dv], dim=-1)                         # (B, nh, n, Q, dk), (B, nh, n, Q, dv)
 
         # Across chunks: each chunk maps its starting state S_0 to S_0 @ carry + written.
-        decayed_k = (g[..., -1:] - g).exp()[..., None] * k          # (B, H, n, C, dk) D K, exponent <= 0
+        decayed_k = (g[..., -1:] - g).exp()[..., None] * k          # (B, nh, n, Q, dk) D K, exponent <= 0
         carry = gamma[..., -1, None, None] * torch.eye(dk, dtype=q.dtype, device=q.device) - W.mT @ decayed_k
-        written = U0.mT @ decayed_k                                 # carry (B, H, n, dk, dk), written (B, H, n, dv, dk)
-        states = [q.new_zeros(B, H, dv, dk)]                        # S at the start of each chunk
+        written = U0.mT @ decayed_k                                 # carry (B, nh, n, dk, dk), written (.., dv, dk)
+        states = [q.new_zeros(B, nh, dv, dk)]                       # S at the start of each chunk
         for c in range(n - 1):
             states.append(states[-1] @ carry[:, :, c] + written[:, :, c])
-        S = torch.stack(states, dim=2)                              # (B, H, n, dv, dk)
+        S = torch.stack(states, dim=2)                              # (B, nh, n, dv, dk)
 
         # All chunks at once again: the values actually written, then the outputs.
-        U = U0 - W @ S.mT                                           # (B, H, n, C, dv)
-        o = gamma[..., None] * (q @ S.mT) + ((q @ k.mT) * decay) @ U  # (B, H, n, C, dv) old state + this chunk
-        o = o.reshape(B, H, n * C, dv)[:, :, :T]                    # (B, H, T, dv) cut the padding
+        U = U0 - W @ S.mT                                           # (B, nh, n, Q, dv)
+        o = gamma[..., None] * (q @ S.mT) + ((q @ k.mT) * decay) @ U  # (B, nh, n, Q, dv) old state + this chunk
+        o = o.reshape(B, nh, n * Q, dv)[:, :, :T]                   # (B, nh, T, dv) cut the padding
     return o.to(out_dtype)

@@ -58,8 +58,9 @@ def run_rows(study, budget, rows, common_flags):
         out = study_dir / slug(row.name)
         bar.set_postfix_str(row.name)
         summary_path = out / "summary.json"
-        if summary_path.exists():
-            summaries.append(json.loads(summary_path.read_text()))
+        if summary_path.exists():  # trained already: its numbers are kept, its labels come from today's rows
+            summary = json.loads(summary_path.read_text())
+            summaries.append(dict(summary, name=row.name, note=row.note, group=row.group or row.name, extra=row.extra))
             continue
         flags = [*common_flags, *row.flags, "--out-dir", str(out), "--sample-tokens", "0"]
         if (out / "last.pt").exists():
@@ -299,11 +300,14 @@ RECALL_BUDGETS = {
     # models without a position table also answer longer sequences with more pairs than they were trained on
     "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, width=64, sizes=[32, 64, 128, 256, 512],
                   default_size=64, matrix_heads=[16, 8, 4, 2, 1], default_heads=2, window=8,
-                  longer=[(128, 24), (256, 31)]),
+                  longer=[(128, 24), (256, 31)],
+                  # the default matrix again with a second seed, and one a little narrower (2 x 30x30), whose
+                  # state with the conv windows (3,984 numbers) fits in a quarter of the KV cache (4,096)
+                  more_matrices=[dict(width=64, heads=2, seed=2), dict(width=60, heads=2, seed=1337)]),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
-                 window=16, longer=[(512, 96), (1024, 127)]),
+                 window=16, longer=[(512, 96), (1024, 127)], more_matrices=[dict(width=128, heads=4, seed=2)]),
 }
 
 
@@ -325,12 +329,14 @@ def recall_rows(budget):
         for size in budget["sizes"]:
             rows.append(Row(f"{model}, context {size}", [*flags, "--context-dim", str(size)],
                             extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]}))
-    for heads in budget["matrix_heads"]:
-        d = budget["width"] // heads
-        rows.append(Row(f"context matrix, {heads} heads", [*stack, "--mixer", "matrix", "--context-dim", width,
-                                                            "--context-heads", str(heads)],
-                        extra={"model": "context matrix", "size": f"{heads} x {d}x{d}",
-                               "default": heads == budget["default_heads"]}))
+    matrices = [dict(width=budget["width"], heads=heads, seed=1337) for heads in budget["matrix_heads"]]
+    for m in matrices + budget["more_matrices"]:
+        d, seed = m["width"] // m["heads"], f" (seed {m['seed']})" if m["seed"] != 1337 else ""
+        name = f"context matrix, {m['heads']} heads" + (f" of {d}x{d}" if m["width"] != budget["width"] else "") + seed
+        rows.append(Row(name, [*stack, "--mixer", "matrix", "--context-dim", str(m["width"]), "--context-heads",
+                               str(m["heads"]), "--seed", str(m["seed"])],
+                        extra={"model": "context matrix", "size": f"{m['heads']} x {d}x{d}{seed}",
+                               "default": m == matrices[budget["matrix_heads"].index(budget["default_heads"])]}))
     return rows
 
 
@@ -413,7 +419,7 @@ def plot_recall(summaries, budget, path):
     models = dict.fromkeys(s["extra"]["model"] for s in summaries)
     for i, model in enumerate(models):
         color = plt.rcParams["axes.prop_cycle"].by_key()["color"][i]
-        runs = [s for s in summaries if s["extra"]["model"] == model]
+        runs = sorted((s for s in summaries if s["extra"]["model"] == model), key=lambda s: s["state_floats"])
         shown = next(s for s in runs if s["extra"]["default"])
         size = f" ({shown['extra']['size']})" if shown["extra"]["size"] != "—" else ""
         by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], "o-", color=color,

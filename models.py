@@ -10,6 +10,8 @@ never branch on which model they hold. Each model has the same interface:
     newllm       the report's model, one context vector (newllm.py)
     stack        the context stack: vector or matrix memories (stack.py)
     transformer  the GPT-style baseline (transformer.py)
+
+    python train.py --arch stack --mixer matrix --dry-run     # build one and count its parameters
 """
 
 from dataclasses import asdict
@@ -57,22 +59,22 @@ def use_reference(model, on=True):
     return model
 
 
-def state_size(state):
-    """Numbers in a (nested) generation state: context vectors and matrices, conv windows, a KV cache."""
+def state_tensors(state):
+    """Every tensor in a (nested) generation state: context vectors and matrices, conv windows, a KV cache."""
     if torch.is_tensor(state):
-        return state.numel()
-    if isinstance(state, dict):
-        return sum(state_size(value) for value in state.values())
-    if isinstance(state, (list, tuple)):
-        return sum(state_size(value) for value in state)
-    return 0
+        yield state
+    elif isinstance(state, (dict, list, tuple)):
+        for value in state.values() if isinstance(state, dict) else state:
+            yield from state_tensors(value)
+
+
+def state_size(state):
+    """Numbers the model carries from one token to the next."""
+    return sum(t.numel() for t in state_tensors(state))
 
 
 def state_bytes(state):
-    if torch.is_tensor(state):
-        return state.numel() * state.element_size()
-    values = state.values() if isinstance(state, dict) else state if isinstance(state, (list, tuple)) else []
-    return sum(state_bytes(value) for value in values)
+    return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
 def model_from_checkpoint(checkpoint):
@@ -86,8 +88,8 @@ def model_from_checkpoint(checkpoint):
 
 
 def from_single_file_layout(arch, config, weights):
-    """Checkpoints from before each model had a file of its own: newllm.py held both the report's
-    model (num_contexts 1) and the stack (num_contexts >= 2). The same weights under new names."""
+    """Format 1 checkpoints kept both New-LLM models under arch "newllm": the report's model with
+    num_contexts 1, the stack with num_contexts >= 2. The same weights under today's names."""
     if arch != "newllm":
         return arch, config, weights
     config = dict(config)
@@ -96,8 +98,8 @@ def from_single_file_layout(arch, config, weights):
         config.update(layers=contexts, mixer="vector")
         return "stack", config, {k.removeprefix("core.").replace(".mixer.conv.", ".conv."): v for k, v in weights.items()}
     if config.pop("gate") or config.pop("timescales"):
-        raise UserError("this checkpoint holds the report's model with a gate from an earlier version, whose gate "
-                        "had a floor the current one does not: its outputs would change, so retrain it")
+        raise UserError("this format 1 checkpoint holds the report's model with --gate, whose gate then had a "
+                        "floor it no longer has: its outputs would change, so train it again")
     for name in ("short_conv", "local_window", "heads"):
         config.pop(name)
     return arch, config, {k.replace("core.", "cell.", 1): v for k, v in weights.items()}

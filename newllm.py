@@ -13,12 +13,13 @@ Glossary
     B batch size     T sequence length     V vocabulary size
     E embed_dim      C context_dim         H hidden_dim        L layers (depth of the FNN)
 
-The model, at each position t (REPORT.md, "The model"):
+The model, at each position t (REPORT.md, "The model"; the brackets give each vector's size):
     x_t      = tok_emb[idx_t] + pos_emb[t]                                     (E)
     h_t      = FNN([x_t ; c_{t-1}])        FNN = (Linear -> ReLU -> Dropout) x L   (H)
     logits_t = W_tok h_t + b_tok                                               (V)
     c_t      = c_{t-1} + W_ctx h_t + b_ctx  additive update, c_0 = 0          (C)
-and its two single-context variants (REPORT.md, "What the report proposed"):
+and its two single-context variants (REPORT.md, "What it proposed, and never built", 4, and the
+author's later note):
     --gate          a_t = sigmoid(W_a h_t + b_a);   c_t = a_t * c_{t-1} + (1 - a_t) * (W_ctx h_t + b_ctx)
     --context-norm  c_t = LayerNorm(c_t) after every update (the author's later note)
 
@@ -57,8 +58,9 @@ class ContextCell(nn.Module):
         self.to_gate = nn.Linear(H, C) if config.gate else None
         self.norm = nn.LayerNorm(C) if config.context_norm else None
 
-    def fnn_after_first_linear(self, h):
-        """ReLU -> Dropout after the first Linear, then the other L - 1 (Linear -> ReLU -> Dropout)."""
+    def rest_of_fnn(self, h):
+        """Everything in the FNN after its first Linear: ReLU -> Dropout, then L - 1 (Linear -> ReLU -> Dropout).
+        It is separate because forward computes that first Linear in two halves (see there)."""
         h = F.dropout(F.relu(h), self.config.dropout, self.training)
         for layer in self.fnn[1:]:
             h = F.dropout(F.relu(layer(h)), self.config.dropout, self.training)
@@ -79,7 +81,7 @@ class ContextCell(nn.Module):
 
     def step(self, x, context):
         """One position, as REPORT.md writes it: x_t (B, E), c_{t-1} (B, C) -> h_t (B, H), c_t (B, C)."""
-        h = self.fnn_after_first_linear(self.fnn[0](torch.cat([x, context], dim=-1)))
+        h = self.rest_of_fnn(self.fnn[0](torch.cat([x, context], dim=-1)))
         return h, self.update(context, h)
 
     def forward(self, x):
@@ -99,7 +101,7 @@ class ContextCell(nn.Module):
         token_part = F.linear(x, token_weight, self.fnn[0].bias).unbind(1)  # T tensors of (B, H)
         hiddens = []
         for t in range(x.size(1)):
-            h = self.fnn_after_first_linear(token_part[t] + F.linear(context, context_weight))  # FNN([x_t ; c_{t-1}])
+            h = self.rest_of_fnn(token_part[t] + F.linear(context, context_weight))  # FNN([x_t ; c_{t-1}])
             context = self.update(context, h)
             hiddens.append(h)
         return torch.stack(hiddens, dim=1)  # (B, T, H)
@@ -138,7 +140,7 @@ class NewLLM(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.embed_dim) if config.pos_embed else None
         self.cell = ContextCell(config)
         self.head = nn.Linear(config.hidden_dim, config.vocab_size)  # the token head
-        self.max_len = config.block_size if config.pos_embed else None  # generation re-reads past this
+        self.max_len = config.block_size if config.pos_embed else None  # None: generation may run on forever
         # PyTorch's default initialisation throughout, as in the report
 
     def embed(self, idx, start=0):

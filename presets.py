@@ -2,9 +2,12 @@
 The configurations people rerun, by name: `python train.py --preset NAME` (any flag given
 beside a preset overrides it). bench.py and experiments.py build their models from here too.
 
-    seed-baseline, seed-exp1..3, seed-transformer   the report's five runs, exactly (REPORT.md)
-    best-newllm-cpu / best-matrix-cpu / transformer-cpu   ~0.8M parameters, matched: a laptop CPU
-    best-newllm / best-matrix / transformer-gpu           ~10.7M parameters (nanoGPT's Shakespeare size): a GPU
+    seed-baseline, seed-exp1..3, seed-transformer   the report's five architectures and settings (REPORT.md)
+    best-newllm-cpu / best-matrix-cpu / transformer-cpu   ~0.83M parameters, matched: a laptop CPU
+    best-newllm / best-matrix / transformer-gpu           ~10.8M parameters (nanoGPT's Shakespeare size): a GPU
+
+"best-newllm" is New-LLM in its best form, the vector stack (stack.py); "best-matrix" the
+same stack with context matrices. The report's own model is `--arch newllm`.
 """
 
 # The report's setup: word level, 1,000 tokens, one line per sequence of at most 32 tokens,
@@ -14,9 +17,9 @@ SEED_SETUP = dict(tokenizer="word", vocab_size=1000, sentences=True, block_size=
                   lr_schedule="constant", grad_clip=1.0, epochs=50, eval_interval=0, eval_iters=50)
 SEED_NEWLLM = dict(SEED_SETUP, arch="newllm", embed_dim=256, context_dim=256, hidden_dim=512, layers=8)
 
-# The best attention-free stacks (results/README.md): gated memories after a short convolution,
-# no position table. The vector one is the improvements study's winner; the matrix one adds
-# the delta rule's look-up (2 heads per block at the CPU size).
+# The best attention-free stacks: gated memories after a short convolution, no position table.
+# The vector one won the improvements study (results/improvements.md); the matrix one adds the
+# delta rule's look-up (results/recall.md), 2 heads per block at the CPU size.
 BEST_VECTOR = dict(arch="stack", mixer="vector", gate=True, short_conv=4, context_norm=True, pos_embed=False)
 BEST_MATRIX = dict(BEST_VECTOR, mixer="matrix")
 

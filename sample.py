@@ -21,10 +21,12 @@ def generate(model, prompt, max_new_tokens, temperature=1.0, top_k=None):
 
     The prompt is read through model.step too, so generation never re-reads the past:
     the state is all the model keeps. A model with a learned position table
-    (model.max_len) cannot step past it; there the state is rebuilt from the last
-    half-table of tokens and generation goes on.
+    (model.max_len) cannot step past it; there the state is rebuilt by re-reading the
+    last half-table of tokens, and generation goes on.
     """
     model.eval()
+    if prompt.size(1) == 0:
+        raise UserError("the prompt is empty: give at least one token")
     if model.max_len is not None and prompt.size(1) > model.max_len:
         raise UserError(f"the prompt is {prompt.size(1)} tokens; this model reads at most {model.max_len}")
     logits, state = read(model, prompt)

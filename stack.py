@@ -6,35 +6,39 @@ model. Read newllm.py first; this is where its single context vector goes next.
     python train.py --preset best-matrix-cpu                  # the context-matrix stack, same size
     python train.py --arch stack --mixer matrix --context-heads 2
 
-Glossary
+Glossary (sizes in brackets after an equation are the vector's length)
     B batch size    T sequence length    V vocabulary size    E embed_dim    H hidden_dim (MLP)
-    L layers (blocks, one context each)  C context_dim        S short_conv (kernel width)
-    nh context_heads (matrix mixer)      d = C / nh (key and value width per head)
-    W local_window (the hybrid only)
+    L layers (blocks, one memory each)   C context_dim        K short_conv (kernel width)
+    nh context_heads (matrix mixer)      d = C / nh (key and value width per head: dk = dv = d)
+    w local_window (the hybrid only)
 
 What changes from newllm.py. The report's model reads c_{t-1} through its whole FNN, so
 training must visit the positions one by one. Here every gate and value is computed from
-the block's input u_t alone, never from the context, so the context can be computed for
-all positions at once (scan.py, delta_rule.py), and the model is a stack of L residual
-blocks shaped like a Transformer's with attention replaced by a context ("several context
-vectors", the report's fix 1):
-    u   = conv(LN(x))                 --short-conv S: causal depthwise conv over the last S inputs
-    x  += W_o (norm(m_t) * silu(W_r u_t))     read the memory m_t out, gated by the input
+the block's input u_t alone, never from the memory, so the memory can be computed for all
+positions at once (scan.py, delta_rule.py), and the model is a stack of L residual blocks
+shaped like a Transformer's with attention replaced by a memory ("several context vectors",
+the report's fix 1):
+    u_t = conv(LN(x))_t           --short-conv K: a causal depthwise conv over the last K inputs, so
+                                  patterns a few characters long need not pass through the memory
+    x  += W_o (norm(m_t) * silu(W_r u_t))   the memory's answer m_t, gated by the input (Mixer)
     x  += MLP(LN(x))
 
-The memory m_t, chosen by --mixer:
+The memory, chosen by --mixer:
   vector  one context vector per block (the report's, with its fix 4, the gate):
-            a_t = f + (1 - f) sigmoid(W_a u_t)   keep gate (--gate; without it a_t = 1: plain addition)
+            a_t = f + (1 - f) sigmoid(W_a u_t)     keep gate (--gate), with a floor f >= MIN_KEEP
             c_t = a_t * c_{t-1} + (1 - a_t) * W_v u_t                                        (C)
-          --timescales: per-channel floors f from ~0 (forgets at once) to ~1 (remembers about T
-          tokens): fast and slow contexts by construction (the report's fix 2, hierarchy).
+            c_t = c_{t-1} + W_v u_t                without --gate: the report's plain addition
+            m_t = c_t
+          The floor f keeps the parallel scan inside float32's range (scan.py). --timescales
+          raises it per channel, from ~0 (forgets at once) to ~1 (remembers about T tokens):
+          fast and slow contexts by construction (the report's fix 2, a hierarchy).
   matrix  one context matrix per head: a memory of key -> value associations, written with the
           delta rule (Widrow-Hoff; DeltaNet, Schlag et al. 2021 and Yang et al. 2024):
             q_t, k_t, v_t = W_q u_t, W_k u_t, W_v u_t, split into nh heads; q, k L2-normalised
             beta_t = sigmoid(W_b u_t)            how strongly to write (one per head)
             alpha_t = sigmoid(W_a u_t + 3)       keep gate (--gate, Gated DeltaNet; else 1)
             S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T                  (d x d)
-            m_t = S_t q_t
+            m_t = S_t q_t                        the heads' answers side by side              (C)
           Why a matrix. The vector's update can only add: c_t = a c_{t-1} + b_t mixes the new
           fact into everything already there, and reading it back gives the blend. The matrix
           stores each value under its own key. S k_t is what the memory holds for k_t now, and
@@ -42,8 +46,8 @@ The memory m_t, chosen by --mixer:
           the directions orthogonal to k_t untouched: it can look a fact up and overwrite it,
           which is what associative recall needs (results/recall.md). Its size is still fixed:
           nh * d * d numbers per block, whatever the length of the text.
-  --local-window W  the hybrid (the report's fix 3): each block also attends to its last W
-          positions. The one variant with attention; its state is bounded by W, not by T.
+  --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
+          positions. The one variant with attention; its state is bounded by w, not by T.
 
 Left out on purpose: no attention except the hybrid's window; no custom kernels (both
 recurrences are plain PyTorch, so they also run on a laptop).
@@ -57,12 +61,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from delta_rule import delta_rule_chunked, delta_rule_loop, delta_rule_step
+from delta_rule import at_least_float32, delta_rule_chunked, delta_rule_loop, delta_rule_step
 from newllm import NewLLM, check_dropout, check_positive, language_model_loss
 from scan import MIN_KEEP, parallel_scan, sequential_scan
 from transformer import MLP, CausalSelfAttention
 
-MATRIX_CHUNK = 64  # positions per chunk of the delta rule's training form
 KEEP_OFFSET = 3.0  # the matrix keep gate starts near sigmoid(3) = 0.95: remember unless told to forget
 
 # -----------------------------------------------------------------------------
@@ -70,28 +73,23 @@ KEEP_OFFSET = 3.0  # the matrix keep gate starts near sigmoid(3) = 0.95: remembe
 
 
 class ShortConv(nn.Module):
-    """Causal depthwise convolution: u_t = bias + sum_k w_k * x_{t-S+1+k}, channel by channel."""
+    """Causal depthwise convolution: u_t = bias + sum_j weight_j * x_{t-K+1+j}, channel by channel."""
 
     def __init__(self, channels, width):
         super().__init__()
         bound = 1 / math.sqrt(width)  # PyTorch's default for a depthwise Conv1d
-        self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, S), oldest first
+        self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, K), oldest first
         self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
     def forward(self, x):
-        T, S = x.size(1), self.weight.size(1)
-        padded = F.pad(x, (0, 0, S - 1, 0))  # S - 1 zeros before the first position: (B, T + S - 1, E)
-        return self.bias + sum(padded[:, k : k + T] * self.weight[:, k] for k in range(S))  # (B, T, E)
+        T, K = x.size(1), self.weight.size(1)
+        padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
+        return self.bias + sum(padded[:, j : j + T] * self.weight[:, j] for j in range(K))  # (B, T, E)
 
     def step(self, x, recent):
-        """x (B, E) and the last S - 1 inputs (B, S - 1, E) -> u (B, E) and the new last S - 1 inputs."""
-        window = torch.cat([recent, x[:, None]], dim=1)  # (B, S, E), oldest first
+        """x (B, E) and the last K - 1 inputs (B, K - 1, E) -> u (B, E) and the new last K - 1 inputs."""
+        window = torch.cat([recent, x[:, None]], dim=1)  # (B, K, E), oldest first
         return self.bias + (window * self.weight.T).sum(dim=1), window[:, 1:]
-
-
-def at_least_float32(x):
-    """float32 for bfloat16 and float16 inputs (autocast); float64 stays float64 (the tests' reference)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def gate_floors(channels, timescales, longest):
@@ -99,10 +97,11 @@ def gate_floors(channels, timescales, longest):
 
     With --timescales, channel i cannot forget faster than a half-life h_i; the half-lives
     run geometrically from 1/8 token (f ~ 0) to `longest` tokens (f ~ 1): f = 0.5 ** (1 / h).
+    Without it every floor is MIN_KEEP, the least the parallel scan can carry (scan.py).
     """
     if not timescales:
         return torch.full((channels,), MIN_KEEP)
-    half_lives = torch.logspace(math.log10(0.125), math.log10(max(longest, 2)), channels)
+    half_lives = torch.logspace(math.log10(0.125), math.log10(max(longest, 2)), channels)  # longest >= 2: a range
     return (0.5 ** (1.0 / half_lives)).clamp(min=MIN_KEEP)  # (C,)
 
 
@@ -110,39 +109,50 @@ def gate_floors(channels, timescales, longest):
 # the two memories: a context vector, a context matrix
 
 
-class VectorMixer(nn.Module):
+class Mixer(nn.Module):
+    """What both memories share: one input projection, and the gated read-out
+    x += W_o (norm(m_t) * silu(W_r u_t)): the input decides, channel by channel, how much of
+    what the memory returns passes into the residual stream (Mamba's and GLA's output gate)."""
+
+    def __init__(self, config, inputs):
+        super().__init__()
+        E, C = config.embed_dim, config.context_dim
+        self.config = config
+        self.to_inputs = nn.Linear(E, inputs)  # every per-position input of the memory in one matmul
+        self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
+        self.proj = nn.Linear(C, E)
+
+    def read_out(self, m, read):
+        """m (..., C): what the memory returns; read (..., C): the read gate's input W_r u_t -> (..., E)."""
+        return self.proj(self.norm(m.to(read.dtype)) * F.silu(read))
+
+
+class VectorMixer(Mixer):
     """One context vector per block, written from the block's input only, read out gated."""
 
     reference = False  # True: sequential_scan (the loop) instead of parallel_scan
 
     def __init__(self, config):
-        super().__init__()
-        E, C = config.embed_dim, config.context_dim
-        self.config = config
-        # one matmul for the read gate r_t, the value v_t and (with --gate) the keep gate's logit
-        self.to_inputs = nn.Linear(E, (3 if config.gate else 2) * C)
-        self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()
-        self.proj = nn.Linear(C, E)
-        self.register_buffer("floor", gate_floors(C, config.timescales, config.block_size), persistent=False)
+        # r_t (read gate), v_t (value) and, with --gate, the keep gate's logit: C each
+        super().__init__(config, (3 if config.gate else 2) * config.context_dim)
+        self.register_buffer("floor", gate_floors(config.context_dim, config.timescales, config.block_size),
+                             persistent=False)
 
     def coefficients(self, u):
         """u (..., E) -> log a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
         read, value, *gate = self.to_inputs(u).split(self.config.context_dim, dim=-1)
         value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
         if not gate:
-            return torch.zeros_like(value), value, read  # a_t = 1: the report's plain addition
+            return torch.zeros_like(value), value, read  # log a_t = 0, b_t = v_t: the report's plain addition
         logit = at_least_float32(gate[0])
         keep = self.floor + (1 - self.floor) * torch.sigmoid(logit)  # a_t
         write = (1 - self.floor) * torch.sigmoid(-logit)  # 1 - a_t, written without cancellation
         return keep.log(), write * value, read
 
-    def read_out(self, memory, read):
-        return self.proj(self.norm(memory.to(read.dtype)) * F.silu(read))
-
     def forward(self, u):
         log_a, b, read = self.coefficients(u)  # (B, T, C) each
         scan = sequential_scan if self.reference else parallel_scan
-        return self.read_out(scan(log_a, b), read)  # c for every position at once: (B, T, C)
+        return self.read_out(scan(log_a, b), read)  # c for every position at once, read out: (B, T, E)
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
@@ -153,25 +163,22 @@ class VectorMixer(nn.Module):
         return self.read_out(context, read), context
 
 
-class MatrixMixer(nn.Module):
+class MatrixMixer(Mixer):
     """One d x d context matrix per head, written with the (gated) delta rule, read out gated."""
 
     reference = False  # True: delta_rule_loop (the definition) instead of delta_rule_chunked
 
     def __init__(self, config):
-        super().__init__()
-        E, C, nh = config.embed_dim, config.context_dim, config.context_heads
-        self.config = config
-        # one matmul for r_t, q_t, k_t, v_t (C each), beta_t's logit and (with --gate) alpha_t's (nh each)
-        self.to_inputs = nn.Linear(E, 4 * C + (2 if config.gate else 1) * nh)
-        self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()
-        self.proj = nn.Linear(C, E)
+        # r_t, q_t, k_t, v_t (C each), then beta_t's logit and, with --gate, alpha_t's (one per head each)
+        super().__init__(config, 4 * config.context_dim + (2 if config.gate else 1) * config.context_heads)
 
     def coefficients(self, u):
         """u (..., E) -> q, k, v as (..., nh, d) with q, k unit length; beta, log alpha (..., nh); read gate r_t."""
         C, nh = self.config.context_dim, self.config.context_heads
         read, q, k, v, gates = self.to_inputs(u).split([C, C, C, C, (2 if self.config.gate else 1) * nh], dim=-1)
         q, k, v = (x.unflatten(-1, (nh, C // nh)) for x in (q, k, v))  # (..., nh, d)
+        # unit keys make k k^T a projection, so the delta rule's write can never blow the memory up;
+        # unit queries read every head on the same scale
         q, k = F.normalize(at_least_float32(q), dim=-1), F.normalize(at_least_float32(k), dim=-1)
         beta, *alpha = at_least_float32(gates).split(nh, dim=-1)
         log_alpha = F.logsigmoid(alpha[0] + KEEP_OFFSET) if alpha else None
@@ -179,26 +186,26 @@ class MatrixMixer(nn.Module):
 
     def forward(self, u):
         q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, d) and (B, T, nh)
-        heads_first = lambda x: None if x is None else x.transpose(1, 2)  # (B, nh, T, ...)
-        args = map(heads_first, (q, k, v, beta, log_alpha))
-        memory = delta_rule_loop(*args) if self.reference else delta_rule_chunked(*args, chunk=MATRIX_CHUNK)
-        return self.read_out(memory.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t: (B, T, C)
-
-    def read_out(self, memory, read):
-        return self.proj(self.norm(memory.to(read.dtype)) * F.silu(read))
+        q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))  # heads first: (B, nh, T, ...)
+        log_alpha = log_alpha.transpose(1, 2) if log_alpha is not None else None
+        if self.reference:
+            recalled = delta_rule_loop(q, k, v, beta, log_alpha)
+        else:
+            recalled = delta_rule_chunked(q, k, v, beta, log_alpha)
+        return self.read_out(recalled.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t (B, T, C), read out: (B, T, E)
 
     def init_state(self, batch_size, device):
         d = self.config.context_dim // self.config.context_heads
-        return torch.zeros(batch_size, self.config.context_heads, d, d, device=device)  # S_0 = 0, (B, nh, d, d)
+        return torch.zeros(batch_size, self.config.context_heads, d, d, device=device)  # S_0 = 0: (B, nh, d, d)
 
     def step(self, u, memory):
         q, k, v, beta, log_alpha, read = self.coefficients(u)
-        out, memory = delta_rule_step(memory, q, k, v, beta, log_alpha)  # (B, nh, d), (B, nh, d, d)
-        return self.read_out(out.flatten(1), read), memory
+        recalled, memory = delta_rule_step(memory, q, k, v, beta, log_alpha)  # (B, nh, d), (B, nh, d, d)
+        return self.read_out(recalled.flatten(1), read), memory
 
 
 class LocalAttention(CausalSelfAttention):
-    """The hybrid's attention (--local-window W): the Transformer's, restricted to the last W positions."""
+    """The hybrid's attention (--local-window w): the Transformer's, restricted to the last w positions."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -210,13 +217,16 @@ class LocalAttention(CausalSelfAttention):
         t = torch.arange(T, device=x.device)
         lag = t[:, None] - t[None, :]  # (T, T): how far back key s is from query t
         band = (lag >= 0) & (lag < self.window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
-                                           dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
+        if self.reference:
+            y = self.attend_reference(q, k, v, allowed=band)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
+                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, E))
 
     def step(self, x, cache):
         y, (k, v) = super().step(x, cache)
-        start = max(0, k.size(2) - (self.window - 1))  # keep W - 1 positions: with the next token, W in view
+        start = max(0, k.size(2) - (self.window - 1))  # keep w - 1 positions: with the next token, w in view
         return y, (k[:, :, start:], v[:, :, start:])
 
 
@@ -246,10 +256,10 @@ class ContextBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
     def init_state(self, batch_size, device):
-        S = self.conv.weight.size(1) if self.conv is not None else 1
-        return {"memory": self.mixer.init_state(batch_size, device),
-                "recent": torch.zeros(batch_size, S - 1, self.ln_mix.normalized_shape[0], device=device),
-                "local": None}  # the conv's last S - 1 inputs; the hybrid's window of keys and values
+        E, K = self.ln_mix.normalized_shape[0], self.conv.weight.size(1) if self.conv is not None else 1
+        return {"memory": self.mixer.init_state(batch_size, device),  # the context vector or matrices
+                "recent": torch.zeros(batch_size, K - 1, E, device=device),  # the conv's last K - 1 inputs
+                "local": None}  # the hybrid's last w keys and values, once there are any
 
     def step(self, x, state):
         normed = u = self.ln_mix(x)
@@ -275,10 +285,10 @@ class StackConfig:
     mixer: str = "vector"               # "vector": a context vector; "matrix": delta-rule context matrices
     context_heads: int = 1              # nh: matrix mixer: heads, each a (C/nh) x (C/nh) matrix
     gate: bool = True                   # keep gate a_t (vector) / alpha_t (matrix); off: plain writes
-    context_norm: bool = True           # LayerNorm on the memory before it is read out
-    short_conv: int = 4                 # S: causal depthwise conv width before the mixer (0 = off)
+    context_norm: bool = True           # LayerNorm on what the memory returns, before the read gate
+    short_conv: int = 4                 # K: causal depthwise conv width before the mixer (0 = off)
     timescales: bool = False            # vector mixer: per-channel gate floors, fast and slow channels
-    local_window: int = 0               # W: the hybrid's attention window (0 = attention-free)
+    local_window: int = 0               # w: the hybrid's attention window (0 = attention-free)
     heads: int = 4                      # the hybrid's attention heads
     pos_embed: bool = False             # learned positions (caps the length at block_size)
 
@@ -314,10 +324,10 @@ class ContextStack(nn.Module):
         self.blocks = nn.ModuleList([ContextBlock(config) for _ in range(config.layers)])
         self.ln_final = nn.LayerNorm(config.embed_dim)
         self.head = nn.Linear(config.embed_dim, config.vocab_size)
-        self.max_len = config.block_size if config.pos_embed else None  # generation re-reads past this
+        self.max_len = config.block_size if config.pos_embed else None  # None: generation may run on forever
         # PyTorch's default initialisation: here as good as GPT-2's
 
-    embed = NewLLM.embed  # token (plus position) embedding, as in the report's model
+    embed = NewLLM.embed  # the report's model's embedding (it reads tok_emb, pos_emb and config.block_size)
 
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""

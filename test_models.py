@@ -160,9 +160,9 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert torch.equal(model(idx)[0], loaded(idx)[0])
 
 
-def single_file_layout(model, **old_fields):
-    """A checkpoint as the earlier single-file layout wrote it: New-LLM's stack under arch 'newllm',
-    its weights under core., the conv inside the mixer, no format number."""
+def format_1(model, **old_fields):
+    """A checkpoint as format 1 wrote it: both New-LLM models under arch 'newllm' (num_contexts told them
+    apart), their weights under core., the conv inside the mixer, no format number."""
     fields = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, layers=None,
                   num_contexts=1, dropout=0.0, pos_embed=True, context_norm=False, gate=False, timescales=False,
                   short_conv=0, local_window=0, heads=4)
@@ -172,24 +172,19 @@ def single_file_layout(model, **old_fields):
             "tokenizer": {"kind": "symbol", "vocab_size": V}}
 
 
-def test_checkpoints_of_the_single_file_layout_still_load(tmp_path):
-    """The same weights come back under their new names: a stack, and the report's model without a gate."""
+def test_format_1_checkpoints_still_load(tmp_path):
+    """The same weights come back under today's names: a stack, and the report's model without a gate;
+    the report's model with a gate (whose gate then had a floor) is refused in one line."""
     idx = torch.randint(V, (2, T))
-    stack = tiny("stack+norm+timescales+conv")
-    old_stack = single_file_layout(stack, num_contexts=2, gate=True, context_norm=True, timescales=True, short_conv=3,
-                                   pos_embed=True)
-    stack.config.pos_embed = True  # the tiny stack has no position table, as the old one may; both load the same
-    seed = tiny("seed")
-    old_seed = single_file_layout(seed, layers=3)
-    for model, old in ((seed, old_seed),):
+    stack, seed = tiny("stack+norm+timescales+conv"), tiny("seed")
+    for model, old in ((stack, format_1(stack, num_contexts=2, gate=True, context_norm=True, timescales=True,
+                                        short_conv=3, pos_embed=False)),
+                       (seed, format_1(seed, layers=3))):
         torch.save(old, tmp_path / "old.pt")
-        assert torch.equal(model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()(idx)[0], model(idx)[0])
-    old_stack["model_config"]["pos_embed"] = False
-    torch.save(old_stack, tmp_path / "old.pt")
-    loaded = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()
-    assert type(loaded).__name__ == "ContextStack" and torch.equal(loaded(idx)[0], stack(idx)[0])
-    torch.save(single_file_layout(tiny("seed+norm+gate"), layers=2, gate=True, context_norm=True), tmp_path / "old.pt")
-    with pytest.raises(UserError, match="earlier version"):
+        loaded = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()
+        assert type(loaded) is type(model) and torch.equal(loaded(idx)[0], model(idx)[0])
+    torch.save(format_1(tiny("seed+norm+gate"), layers=2, gate=True, context_norm=True), tmp_path / "old.pt")
+    with pytest.raises(UserError, match="then had a floor"):
         model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
 
 

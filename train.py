@@ -13,9 +13,9 @@ evaluation), ckpt.pt (the best validation loss) and last.pt (the latest state, f
 --resume). It ends by printing a sample of generated text.
 
 Read main() and train() top to bottom: setup, data, model, optimiser, then the loop
-(evaluate and save -> step -> log -> stop). The helpers after them are the safety
-machinery (the folder lock, resuming, signals, several processes); a first reading
-can skip them.
+(evaluate and save -> step -> log -> stop). After them come the small pieces they call
+(estimate_loss, get_lr, schedule), the flags, and then the safety machinery (the folder
+lock, checkpoints, resuming, signals, several processes), which a first reading can skip.
 """
 
 import argparse
@@ -125,9 +125,10 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
         try:
             while True:
                 # evaluate on fixed batches; keep the best model (ckpt.pt) and the latest state (last.pt)
+                # (a resumed run has already evaluated the step it starts from)
                 if (run.step % eval_interval == 0 or run.step == max_iters) and run.step != run.last_eval_step:
                     run.last_eval_step, run.elapsed_s = run.step, time.time() - started
-                    lr = get_lr(min(run.step, max_iters - 1), args, max_iters)
+                    lr = get_lr(min(run.step, max_iters - 1), args, max_iters)  # the rate of the step about to run
                     metrics = evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr)
                     if metrics:
                         bar.write(f"step {run.step:>6}: train loss {metrics['train_loss']:.4f}, "
@@ -150,14 +151,15 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
                 run.step += 1
                 recent_losses.append(loss.detach())
 
-                # log: the host reads the losses only every log_interval steps, so the device never waits between
+                # log: the host reads the losses only every log_interval steps, so the device never waits between;
+                # a lone process stops at once when asked, several agree on it at the next log step
                 if run.step % args.log_interval == 0 or run.step == max_iters or (stop_requested and not proc.distributed):
                     losses, stop = proc.read_losses(recent_losses, bool(stop_requested))
                     recent_losses = []
                     check_finite(losses, run.step)
                     smoothed = losses[-1] if smoothed is None else 0.9 * smoothed + 0.1 * losses[-1]
                     bar.set_postfix(loss=f"{smoothed:.4f}", best_val=f"{run.best_val_loss:.4f}")
-                    if stop:  # Ctrl-C or SIGTERM (in any process): save where we are, then leave
+                    if stop:  # Ctrl-C or SIGTERM (in any process): save where we are, then leave as Ctrl-C does
                         run.elapsed_s = time.time() - started
                         save_state(["last.pt"], model, optimizer, dataset, args, proc, run)
                         raise KeyboardInterrupt
@@ -165,7 +167,7 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
                 bar.update(1)
         except KeyboardInterrupt:
             bar.close()
-            if proc.master:
+            if proc.master:  # a second Ctrl-C may have cut the save short: say what last.pt really holds
                 saved = load_checkpoint(out_dir / "last.pt")["step"] if (out_dir / "last.pt").exists() else 0
                 print(f"stopped; last.pt holds step {saved}. Resume with: python train.py --out-dir {out_dir} --resume")
             raise SystemExit(130)
@@ -182,11 +184,12 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
 def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr):
     """Evaluate, log and write ckpt.pt (if the best so far) and last.pt; the metrics, in the main process only."""
     rng_states = proc.gather(rng_state(dataset, proc.device))  # every process takes part in this
+    metrics = estimate_loss(model, eval_data, proc.device, autocast) if proc.master else None  # the plain model:
+    finite = proc.gather(metrics is None or math.isfinite(metrics["val_loss"]))  # no DDP sync in evaluation
+    if not all(finite):  # every process learns it, so none waits for the others forever
+        raise Diverged(f"validation loss is {metrics['val_loss'] if metrics else 'not finite'} at step {run.step}")
     if not proc.master:
         return None
-    metrics = estimate_loss(model, eval_data, proc.device, autocast)
-    if not math.isfinite(metrics["val_loss"]):
-        raise Diverged(f"validation loss is {metrics['val_loss']} at step {run.step}")
     log_line(Path(args.out_dir) / "log.jsonl", run, args.batch_size * args.block_size * proc.world_size, lr, metrics)
     names = ["last.pt"]
     if metrics["val_loss"] < run.best_val_loss:
@@ -287,8 +290,10 @@ def build_parser():
     g.add_argument("--dropout", type=float, help="dropout probability")
     g.add_argument("--mixer", choices=["vector", "matrix"], help="stack: a context vector, or delta-rule context matrices")
     g.add_argument("--context-heads", type=int, help="stack, matrix mixer: heads, each a (C/heads) x (C/heads) matrix")
-    g.add_argument("--context-norm", action=bool_flag, help="newllm, stack: LayerNorm on the context")
-    g.add_argument("--gate", action=bool_flag, help="newllm, stack: a keep gate on the context instead of plain addition")
+    g.add_argument("--context-norm", action=bool_flag,
+                   help="newllm: LayerNorm on the context after every update; stack: on what the memory returns")
+    g.add_argument("--gate", action=bool_flag,
+                   help="newllm: keep gate read from h_t; stack: keep gate read from the input, with a floor")
     g.add_argument("--timescales", action=bool_flag, help="stack, vector mixer: per-channel gate floors, fast and slow")
     g.add_argument("--short-conv", type=int, help="stack: causal depthwise conv width before each context (0 = off)")
     g.add_argument("--local-window", type=int, help="stack: hybrid attention over the last W positions (0 = off)")

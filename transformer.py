@@ -44,12 +44,14 @@ class CausalSelfAttention(nn.Module):
         B, T, E = x.shape
         return x.view(B, T, self.heads, E // self.heads).transpose(1, 2)  # (B, nh, T, hd)
 
-    def attend_reference(self, q, k, v):
-        """Causal attention written out: scores, mask the future, softmax, weighted sum of values."""
+    def attend_reference(self, q, k, v, allowed=None):
+        """Attention written out: scores, mask what may not be seen (by default the future), softmax,
+        weighted sum of values. allowed (T, T): True where query t may read key s."""
         T = q.size(-2)
         scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
-        future = torch.triu(torch.ones(T, T, dtype=torch.bool, device=q.device), diagonal=1)
-        scores = scores.masked_fill(future, float("-inf"))  # position t sees s <= t only
+        if allowed is None:
+            allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=q.device))  # position t sees s <= t
+        scores = scores.masked_fill(~allowed, float("-inf"))
         weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
         return weights @ v  # (B, nh, T, hd)
 
@@ -155,7 +157,7 @@ class Transformer(nn.Module):
         """GPT-2's initialisation: N(0, 0.02), residual projections shrinking with depth (nanoGPT's).
 
         It gives the lower language-model loss here; PyTorch's own defaults (--init torch)
-        learn associative recall hundreds of steps sooner (README, "Recall").
+        learn associative recall hundreds of steps sooner (results/recall.md uses them).
         """
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -178,7 +180,8 @@ class Transformer(nn.Module):
         return logits, language_model_loss(logits, targets)
 
     def init_state(self, batch_size, device):
-        """The KV cache starts empty and grows by one position per step."""
+        """The KV cache starts empty and grows by one position per step (the arguments are the shared
+        interface's: an empty cache needs neither)."""
         return {"position": 0, "cache": [None] * len(self.blocks)}
 
     @torch.no_grad()
