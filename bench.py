@@ -60,7 +60,7 @@ def sync(device):
 
 
 def literal_seed_forward(model, idx, targets):
-    """The seed model exactly as SEED.md writes it: FNN([x_t ; c_{t-1}]) and the token head at every step."""
+    """The report's model exactly as REPORT.md writes it: FNN([x_t ; c_{t-1}]) and the token head at every step."""
     x = model.embed(idx)
     context = model.cell.init_state(idx.size(0), idx.device)
     logits = []

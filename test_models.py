@@ -234,7 +234,7 @@ def test_param_counts_equal_the_formulas():
 
 
 def test_seed_report_parameter_counts():
-    """SEED.md's table pins the architectures down: vocabulary 1,000, length 32."""
+    """The report's table (REPORT.md) pins the architectures down: vocabulary 1,000, length 32."""
     assert seed_params(1000, 32, 256, 256, 512, 8) == 3009768
     assert seed_params(1000, 32, 256, 512, 512, 8) == 3272168
     assert seed_params(1000, 32, 256, 512, 1024, 10) == 12047848
