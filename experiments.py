@@ -49,32 +49,50 @@ def slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_rows(study, budget, rows, common_flags):
-    """Train every row (skipping finished ones, resuming interrupted ones); return their summaries."""
+def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_diverge=False):
+    """Train every row (skipping finished ones, resuming interrupted ones); return their summaries.
+
+    kept: summaries of finished rows from results/<study>.json (committed), reused when a row's flags are
+    unchanged, so a study spread over several machines never trains a finished row again. after_each(summaries)
+    runs after every newly finished row (to write partial results). may_diverge: a run whose loss stops being
+    finite is recorded as diverged (a learning-rate sweep's too-high rates) instead of stopping the study."""
     study_dir = Path("runs/experiments") / f"{study}-{budget}"
+    kept = {s["name"]: s for s in kept or []}
     summaries = []
     bar = tqdm(rows, desc=f"{study} ({budget})", unit="run", dynamic_ncols=True)
     for row in bar:
         out = study_dir / slug(row.name)
         bar.set_postfix_str(row.name)
         summary_path = out / "summary.json"
-        if summary_path.exists():  # trained already: its numbers are kept, its labels come from today's rows
-            summary = json.loads(summary_path.read_text())
-            summaries.append(dict(summary, name=row.name, note=row.note, group=row.group or row.name, extra=row.extra))
-            continue
         flags = [*common_flags, *row.flags, "--out-dir", str(out), "--sample-tokens", "0"]
+        labels = dict(name=row.name, note=row.note, group=row.group or row.name, extra=row.extra)
+        if summary_path.exists():  # trained already: its numbers are kept, its labels come from today's rows
+            summaries.append(dict(json.loads(summary_path.read_text()), **labels))
+            continue
+        if kept.get(row.name, {}).get("flags") == flags:  # trained already, on another machine
+            summaries.append(dict(kept[row.name], **labels))
+            continue
         if (out / "last.pt").exists():
-            flags.append("--resume")
-        elif out.exists():
-            flags.append("--overwrite")  # a run that died before its first checkpoint
-        tqdm.write(f"\n=== {row.name}: python train.py {' '.join(flags)}")
-        summary = train.main(flags)
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-        summary.update(name=row.name, note=row.note, group=row.group or row.name, extra=row.extra,
-                       wall_s=log[-1]["time_s"], best_val_acc=max(r["val_acc"] for r in log),
-                       command="python train.py " + " ".join(flags))
+            how = ["--resume"]
+        else:
+            how = ["--overwrite"] if out.exists() else []  # --overwrite: a run that died before its first checkpoint
+        tqdm.write(f"\n=== {row.name}: python train.py {' '.join(flags + how)}")
+        try:
+            summary = train.main(flags + how)
+        except train.TrainingDiverged as error:
+            if not may_diverge:
+                raise
+            summary = {"best_val_loss": None, "diverged": str(error), "out_dir": str(out)}
+        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
+            if (out / "log.jsonl").exists() else []
+        summary.update(labels, flags=flags, command="python train.py " + " ".join(flags),
+                       wall_s=log[-1]["time_s"] if log else 0.0,
+                       best_val_acc=max((r["val_acc"] for r in log), default=None),
+                       curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_loss", "val_loss")} for r in log])
         summary_path.write_text(json.dumps(summary, indent=2))
         summaries.append(summary)
+        if after_each:
+            after_each(summaries)
     return summaries
 
 
@@ -449,13 +467,23 @@ def main(argv=None):
     parser.add_argument("study", choices=list(STUDIES), help="which study")
     parser.add_argument("--budget", default="quick", choices=["quick", "full"], help="quick: 2 CPU cores; full: a GPU")
     parser.add_argument("--data", default="shakespeare", help="corpus for the language-model studies")
+    parser.add_argument("--second-data", default="data/lcet10.txt", help="scaling: the second text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     STUDIES[args.study](args, device)
 
 
-STUDIES = {"seed": study_seed, "improvements": study_improvements, "recall": study_recall}
+def settle_the_headline(name):
+    """The studies of scaling.py, which build on this file's rows: imported when run."""
+    def study(args, device):
+        import scaling
+        return getattr(scaling, name)(args, device)
+    return study
+
+
+STUDIES = {"seed": study_seed, "improvements": study_improvements, "recall": study_recall,
+           "lr-sweep": settle_the_headline("study_lr_sweep"), "scaling": settle_the_headline("study_scaling")}
 
 if __name__ == "__main__":
     try:

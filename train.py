@@ -173,8 +173,8 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
             raise SystemExit(130)
         except Diverged as error:
             bar.close()
-            raise UserError(f"training diverged: {error}. ckpt.pt (best val loss {run.best_val_loss:.4f}) is "
-                            "untouched; try a lower --lr") from None
+            raise TrainingDiverged(f"training diverged: {error}. ckpt.pt (best val loss {run.best_val_loss:.4f}) "
+                                   "is untouched; try a lower --lr") from None
     bar.close()
     tokens = run.step * tokens_per_step
     return {"best_val_loss": run.best_val_loss, "steps": run.step, "tokens": tokens, "train_time_s": run.train_time_s,
@@ -516,6 +516,10 @@ def set_rng_state(state, dataset, device):
 
 class Diverged(Exception):
     pass
+
+
+class TrainingDiverged(UserError):
+    """What a user sees when the loss stops being finite (a learning-rate sweep records it and goes on)."""
 
 
 @contextmanager

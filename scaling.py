@@ -1,0 +1,311 @@
+"""
+Does the attention-free lead hold when every model is tuned, trained longer and made larger?
+Two studies, run through experiments.py:
+
+    python experiments.py lr-sweep    # each model at 3+ learning rates (the quick budget); each one's best
+    python experiments.py scaling     # the best rates, trained to 20M tokens (two seeds, a second text),
+                                      # and the two families at ~3M parameters to 6M tokens
+
+Both keep every finished run's numbers and validation curve in results/<study>.json as soon as
+it lands, and read them back: a study spread over several sittings, on different machines,
+never trains a finished run again (an interrupted run resumes from runs/ on the machine that
+has it).
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from cli import UserError
+from data import load_dataset
+from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, improvement_rows, mean_spread, run_rows,
+                         write_results)
+
+# The models compared, by the improvements study's row that defines each (same flags, same parameters).
+COMPARED = {"Transformer": "Transformer", "seed New-LLM": "seed New-LLM", "vector stack": "+ short conv",
+            "context matrix": "context matrix"}
+SWEEP_RATES = {"quick": [1e-3, 2e-3, 4e-3], "full": [5e-4, 1e-3, 2e-3]}
+MOST_RATES = 6  # a model's grid grows past an edge at most this far
+
+
+def kept_rows(study):
+    """The finished rows committed in results/<study>.json, if any."""
+    path = RESULTS / f"{study}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def compared_models(scale, vocab_size):
+    """name -> train.py flags of each compared model, parameters matched to the scale's Transformer."""
+    rows, target = improvement_rows(scale, vocab_size)
+    by_name = {row.name: row for row in rows}
+    return {name: by_name[row].flags for name, row in COMPARED.items()}, target
+
+
+# -----------------------------------------------------------------------------
+# the learning-rate sweep
+
+
+def study_lr_sweep(args, device):
+    scale = IMPROVEMENT_SCALES[args.budget]
+    dataset = load_dataset(args.data, "char", block_size=int(scale["common"][1]))
+    models, target = compared_models(scale, dataset.tokenizer.vocab_size)
+    common = [*scale["common"], "--data", args.data, "--device", args.device]
+    grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
+    kept = kept_rows("lr-sweep")
+    started = json.loads((RESULTS / "lr-sweep.json").read_text())["started"] if kept else time.time()
+
+    def write(summaries):
+        write_sweep(summaries, grid, args, device, target, started)
+
+    while True:  # a model whose best rate is at an edge of its grid gets the next rate beyond that edge
+        rows = [Row(f"{name}, lr {lr:g}", [*flags, "--lr", f"{lr:g}"], group=name, extra={"model": name, "lr": lr})
+                for name, flags in models.items() for lr in grid[name]]
+        summaries = run_rows("lr-sweep", args.budget, rows, common, kept, write, may_diverge=True)
+        widened = False
+        for name, best in best_rates(summaries).items():
+            rates = grid[name]
+            if len(rates) < MOST_RATES and best == rates[0]:
+                rates.insert(0, best / 2)
+                widened = True
+            elif len(rates) < MOST_RATES and best == rates[-1]:
+                rates.append(best * 2)
+                widened = True
+        if not widened:
+            break
+    write(summaries)
+
+
+def best_rates(summaries):
+    """model -> the learning rate with the lowest best validation loss (diverged runs never win)."""
+    best = {}
+    for s in summaries:
+        model, loss = s["extra"]["model"], s["best_val_loss"]
+        if loss is not None and (model not in best or loss < best[model][1]):
+            best[model] = (s["extra"]["lr"], loss)
+    return {model: lr for model, (lr, _) in best.items()}
+
+
+def write_sweep(summaries, grid, args, device, target, started):
+    best = best_rates(summaries)
+    rates = sorted({lr for lrs in grid.values() for lr in lrs})
+    cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in summaries}
+    lines = ["# Each model at its own best learning rate\n",
+             header("lr-sweep", args.budget, device, args.data, started,
+                    f"Every run: the improvements study's settings ({max(s.get('tokens', 0) for s in summaries):,} training "
+                    f"tokens, parameters matched to the Transformer's {target:,}), only the peak learning rate "
+                    "changes (warmup, then cosine decay to a tenth). Best validation loss; bold: each model's best."),
+             "| model | " + " | ".join(f"lr {lr:g}" for lr in rates) + " | best rate |",
+             "|---|" + "---|" * (len(rates) + 1)]
+    for model in grid:
+        cells = []
+        for lr in rates:
+            s = cell.get((model, lr))
+            if s is None:
+                cells.append("—")
+            elif s["best_val_loss"] is None:
+                cells.append("diverged")
+            else:
+                text = f"{s['best_val_loss']:.4f}"
+                cells.append(f"**{text}**" if best.get(model) == lr else text)
+        lines.append(f"| {model} | " + " | ".join(cells) + f" | {best.get(model, '—')} |")
+    lines.append("\nThe grid starts at " + ", ".join(f"{lr:g}" for lr in SWEEP_RATES[args.budget]) +
+                 " (a 4x span); a model whose best rate sits at an edge is also run one step (2x) beyond it, "
+                 "so every best rate printed here has a worse rate on both sides unless the grid's limit "
+                 f"of {MOST_RATES} rates was reached. One seed per cell (1337).\n")
+    lines.append("![sweep](lr-sweep.png)\n")
+    figure = RESULTS / "lr-sweep.png"
+    RESULTS.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for model in grid:
+        points = sorted((lr, cell[(model, lr)]["best_val_loss"]) for lr in grid[model]
+                        if (model, lr) in cell and cell[(model, lr)]["best_val_loss"] is not None)
+        if points:
+            ax.plot(*zip(*points), "o-", label=model)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("best validation loss (nats/char)")
+    ax.set_title(f"Learning-rate sweep ({args.budget} budget)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    write_results("lr-sweep", "\n".join(lines) + "\n", {"budget": args.budget, "started": started,
+                                                        "best_lr": best, "rows": summaries}, [figure])
+
+
+def tuned_rates():
+    """The sweep's best learning rate per model (results/lr-sweep.json)."""
+    path = RESULTS / "lr-sweep.json"
+    best = json.loads(path.read_text()).get("best_lr", {}) if path.exists() else {}
+    if not all(name in best for name in ("Transformer", "vector stack", "context matrix")):
+        raise UserError("the scaling study trains every model at its best learning rate: "
+                        "run python experiments.py lr-sweep first")
+    return best
+
+
+# -----------------------------------------------------------------------------
+# training length and model size
+
+SCALING = dict(
+    # the length axis: the quick budget's models and batches, 5,000 steps = 20.5M tokens, evaluated every
+    # 250 steps (1.02M tokens) on 40 fixed batches (164k tokens: all of Tiny Shakespeare's validation text)
+    length=dict(steps=5000, eval_every=250, models=("Transformer", "vector stack", "context matrix")),
+    # the size axis: width 256 (about 3.2M parameters), 1,500 steps = 6.1M tokens
+    size=dict(steps=1500, eval_every=250, models=("Transformer", "vector stack"),
+              scale=dict(IMPROVEMENT_SCALES["quick"], transformer=["--embed-dim", "256", "--heads", "4", "--layers", "4"],
+                         width=256, stack_depth=4, matrix_heads=2)),
+    eval_iters=40,
+)
+
+
+def scaling_rows(best_lr, vocab, second):
+    """The runs, most telling first: one seed of each model on Tiny Shakespeare, the larger size, the
+    second seed, then the second text."""
+    length, size = SCALING["length"], SCALING["size"]
+    small, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab["shakespeare"])
+    large, large_target = compared_models(size["scale"], vocab["shakespeare"])
+    second_models, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab[second])
+
+    def row(name, flags, steps, data, seed, axis):
+        label = f"{name}, {axis}, {'Tiny Shakespeare' if data == 'shakespeare' else Path(data).name}, seed {seed}"
+        return Row(label, [*flags, "--lr", f"{best_lr[name]:g}", "--max-iters", str(steps), "--eval-interval",
+                           str(SCALING[axis]["eval_every"]), "--data", data, "--seed", str(seed)],
+                   group=f"{name}, {axis}, {data}", extra={"model": name, "axis": axis, "data": data, "seed": seed})
+
+    rows = [row(m, small[m], length["steps"], "shakespeare", 1337, "length") for m in length["models"]]
+    rows += [row(m, large[m], size["steps"], "shakespeare", 1337, "size") for m in size["models"]]
+    rows += [row(m, small[m], length["steps"], "shakespeare", 2, "length") for m in length["models"]]
+    rows += [row(m, second_models[m], length["steps"], second, 1337, "length") for m in length["models"]]
+    return rows, large_target
+
+
+def study_scaling(args, device):
+    second = args.second_data
+    if not Path(second).is_file():
+        raise UserError(f"the scaling study's second text {second} does not exist: pass --second-data PATH "
+                        "(the results used lcet10.txt from the Canterbury corpus, https://corpus.canterbury.ac.nz)")
+    best_lr = tuned_rates()
+    vocab = {data: load_dataset(data, "char", block_size=128).tokenizer.vocab_size for data in ("shakespeare", second)}
+    rows, large_target = scaling_rows(best_lr, vocab, second)
+    kept = kept_rows("scaling")
+    started = json.loads((RESULTS / "scaling.json").read_text())["started"] if kept else time.time()
+    common = ["--block-size", "128", "--batch-size", "32", "--dropout", "0.1", "--eval-iters",
+              str(SCALING["eval_iters"]), "--device", args.device]
+
+    def write(summaries):
+        write_scaling(summaries, rows, best_lr, large_target, device, started, second)
+
+    write(run_rows("scaling", "quick", rows, common, kept, write))
+
+
+def gap_curve(attention_free, transformer):
+    """(tokens, relative gap in %) where both runs were evaluated: negative = the attention-free model is lower."""
+    theirs = {p["tokens"]: p["val_loss"] for p in transformer}
+    return [(p["tokens"], 100 * (p["val_loss"] - theirs[p["tokens"]]) / theirs[p["tokens"]])
+            for p in attention_free if p["tokens"] in theirs and p["tokens"] > 0]
+
+
+def crossing(gaps):
+    """Tokens where the gap first changes sign (the curves cross), or None."""
+    for (t0, g0), (t1, g1) in zip(gaps, gaps[1:]):
+        if g0 * g1 < 0:
+            return t0 + (t1 - t0) * g0 / (g0 - g1)
+    return None
+
+
+def write_scaling(summaries, rows, best_lr, large_target, device, started, second):
+    done = {s["name"]: s for s in summaries}
+    lines = ["# Does the lead hold? Longer training and a larger size\n",
+             header("scaling", "quick", device, "shakespeare", started,
+                    f"Every model at its best learning rate from results/lr-sweep.md ("
+                    + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items()) + "); batches of 32 x 128 characters, "
+                    f"dropout 0.1, cosine decay over the whole run, validation on {SCALING['eval_iters']} fixed batches "
+                    f"every {SCALING['length']['eval_every']} steps (1.02M tokens). Second text: `{second}`."),
+             "| run | params | tokens | best val loss | at tokens | last val loss | train loss at the end | wall time |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        s = done.get(row.name)
+        if s is None:
+            lines.append(f"| {row.name} | | not run yet | | | | | |")
+            continue
+        best = min(s["curve"], key=lambda p: p["val_loss"])
+        lines.append(f"| {row.name} | {s['params']:,} | {s['tokens']:,} | {s['best_val_loss']:.4f} | "
+                     f"{best['tokens'] / 1e6:.1f}M | {s['curve'][-1]['val_loss']:.4f} | "
+                     f"{s['curve'][-1]['train_loss']:.4f} | {s['wall_s'] / 60:.0f} min |")
+    lines += scaling_readings(done, rows)
+    figure = RESULTS / "scaling.png"
+    plot_scaling(done, rows, figure)
+    lines.append("\n![scaling](scaling.png)\n")
+    write_results("scaling", "\n".join(lines) + "\n", {"started": started, "best_lr": best_lr,
+                                                       "large_target_params": large_target, "rows": summaries},
+                  [figure])
+
+
+def groups(done, rows):
+    """(axis, data, model) -> the finished runs of that configuration (one per seed)."""
+    out = {}
+    for row in rows:
+        if row.name in done:
+            e = row.extra
+            out.setdefault((e["axis"], e["data"], e["model"]), []).append(done[row.name])
+    return out
+
+
+def scaling_readings(done, rows):
+    """What the finished runs say: best losses with their seed spread, the gap, and where the curves cross."""
+    lines = ["\nMean ± half-range over the seeds that have finished (the number of seeds in brackets):\n"]
+    by = groups(done, rows)
+    for (axis, data, model), runs in by.items():
+        mean, spread = mean_spread([s["best_val_loss"] for s in runs])
+        reference = by.get((axis, data, "Transformer"))
+        gap = ""
+        if model != "Transformer" and reference:
+            ref_mean, _ = mean_spread([s["best_val_loss"] for s in reference])
+            gap = f", {100 * (mean - ref_mean) / ref_mean:+.1f}% vs the Transformer"
+            cross = [crossing(gap_curve(a["curve"], t["curve"])) for a, t in zip(runs, reference)]
+            gap += "; the validation curves " + ("never cross" if not any(cross) else "cross at " + ", ".join(
+                f"{c / 1e6:.1f}M tokens" if c else "never" for c in cross))
+        label = "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
+        lines.append(f"- {axis} axis, {label}, {model}: best val loss {mean:.4f} ± {spread:.4f} ({len(runs)}){gap}")
+    return lines
+
+
+def plot_scaling(done, rows, path):
+    """Validation loss against tokens per configuration (seeds averaged), and each attention-free model's gap."""
+    by = groups(done, rows)
+    fig, (losses, gaps) = plt.subplots(1, 2, figsize=(13, 4.8))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = {("length", "shakespeare"): "-", ("size", "shakespeare"): ":"}
+    models = list(dict.fromkeys(key[2] for key in by))
+    for (axis, data, model), runs in by.items():
+        style = styles.get((axis, data), "--")
+        label = f"{model}, {'3M params' if axis == 'size' else '0.8M'}" + \
+            ("" if data == "shakespeare" else f", {Path(data).stem}")
+        color = colors[models.index(model) % len(colors)]
+        tokens = [p["tokens"] / 1e6 for p in runs[0]["curve"] if p["tokens"] > 0]
+        mean = [sum(r["curve"][i]["val_loss"] for r in runs) / len(runs) for i in range(1, len(tokens) + 1)]
+        losses.plot(tokens, mean, style, color=color, label=label)
+        reference = by.get((axis, data, "Transformer"))
+        if model != "Transformer" and reference:
+            gap = gap_curve(runs[0]["curve"], reference[0]["curve"])
+            gaps.plot([t / 1e6 for t, _ in gap], [g for _, g in gap], style, color=color, label=label)
+    gaps.axhline(0, color="gray", lw=1)
+    losses.set_ylabel("validation loss (nats/char)")
+    gaps.set_ylabel("gap to the Transformer (%): below 0 = attention-free lower")
+    for ax, title in ((losses, "validation loss as training grows"), (gaps, "the gap (first seed)")):
+        ax.set_xlabel("training tokens (millions)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    low = min((min(p["val_loss"] for p in runs[0]["curve"]) for runs in by.values()), default=1.0)
+    losses.set_ylim(low - 0.05, low + 1.0 if math.isfinite(low) else None)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
