@@ -15,8 +15,9 @@ state_dict), so train.py never asks which one it has:
 Targets equal to IGNORE (-1) are not scored: padding, and every position of
 a recall sequence but the answers.
 
-Corpora: 'shakespeare' (Tiny Shakespeare, downloaded once into data/ and
-checked by size and SHA-256) or the path of any UTF-8 text file.
+Corpora: 'shakespeare' (Tiny Shakespeare) and 'seed-sentences' (the seed
+report's own 30 sentences, split the report's way), each downloaded once into
+data/ and checked by size and SHA-256; or the path of any UTF-8 text file.
 Tokenizers: 'char' (every distinct character) or 'word' (lower-cased
 whitespace words: the most frequent ones plus <PAD> <UNK> <BOS> <EOS>).
 
@@ -26,9 +27,11 @@ whitespace words: the most frequent ones plus <PAD> <UNK> <BOS> <EOS>).
 
 import argparse
 import hashlib
+import random
 import time
 import urllib.request
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,11 +39,35 @@ import torch
 from checkpoint import atomic_write
 from cli import UserError
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_BYTES = 1115394
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 CACHE_DIR = Path(__file__).resolve().parent / "data"
-SHAKESPEARE_PATH = CACHE_DIR / "tinyshakespeare.txt"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A public text the project fetches once, checks, and keeps in data/."""
+    title: str
+    url: str
+    size: int      # bytes
+    sha256: str
+    file: str      # its name in data/
+
+    @property
+    def path(self):
+        return CACHE_DIR / self.file
+
+
+CORPORA = {
+    "shakespeare": Corpus("Tiny Shakespeare",
+                          "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                          1115394, "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed",
+                          "tinyshakespeare.txt"),
+    # the 30 sentences the seed report trained on (its repository, data/sample_texts.txt, at the report's commit)
+    "seed-sentences": Corpus("the seed report's 30 sentences",
+                             "https://raw.githubusercontent.com/rato-tokyo/new-llm/"
+                             "270b4164d3337536c9a67f69a4b1e83df8235d62/data/sample_texts.txt",
+                             731, "3cda6ac0f0f3f5c94a9c4a2f3df971811fea1e96a72ac9edaf88107a02b0a7b5",
+                             "seed-sentences.txt"),
+}
 
 IGNORE = -1  # target value that the loss skips (every model's loss: newllm.language_model_loss)
 SPECIALS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]  # word ids 0-3, as in the seed report
@@ -54,36 +81,36 @@ def _sha256(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def download_shakespeare(attempts=3):
-    """Fetch Tiny Shakespeare into the cache, verified; a bad download is never kept."""
+def download(corpus, attempts=3):
+    """Fetch a corpus into the cache, verified; a bad download is never kept."""
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     reason = "unknown error"
     for attempt in range(1, attempts + 1):
         try:
-            with urllib.request.urlopen(SHAKESPEARE_URL, timeout=30) as response:
+            with urllib.request.urlopen(corpus.url, timeout=30) as response:
                 data = response.read()
-            if len(data) != SHAKESPEARE_BYTES or _sha256(data) != SHAKESPEARE_SHA256:
+            if len(data) != corpus.size or _sha256(data) != corpus.sha256:
                 reason = f"got {len(data):,} bytes that fail the size/checksum test"
             else:
-                atomic_write(SHAKESPEARE_PATH, lambda f: f.write(data))  # the cache is whole or absent
+                atomic_write(corpus.path, lambda f: f.write(data))  # the cache is whole or absent
                 return
         except OSError as error:  # URLError, timeouts and resets are all OSErrors
             reason = str(getattr(error, "reason", error))
         print(f"download attempt {attempt}/{attempts} failed: {reason}")
         time.sleep(attempt)
-    raise UserError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({reason}); "
-                    f"save it as {SHAKESPEARE_PATH} or pass --data PATH")
+    raise UserError(f"could not download {corpus.title} from {corpus.url} ({reason}); "
+                    f"save it as {corpus.path} or pass --data PATH")
 
 
-def read_shakespeare():
+def read_cached(corpus):
     """The cached corpus, downloaded (again) when it is missing or corrupt."""
-    if SHAKESPEARE_PATH.is_file():
-        data = SHAKESPEARE_PATH.read_bytes()
-        if len(data) == SHAKESPEARE_BYTES and _sha256(data) == SHAKESPEARE_SHA256:
+    if corpus.path.is_file():
+        data = corpus.path.read_bytes()
+        if len(data) == corpus.size and _sha256(data) == corpus.sha256:
             return data.decode("utf-8")
-        print(f"{SHAKESPEARE_PATH} is incomplete or corrupt; downloading it again")
-    download_shakespeare()
-    return SHAKESPEARE_PATH.read_text(encoding="utf-8")
+        print(f"{corpus.path} is incomplete or corrupt; downloading it again")
+    download(corpus)
+    return corpus.path.read_text(encoding="utf-8")
 
 
 def read_text_file(path):
@@ -111,8 +138,8 @@ def read_text_file(path):
 
 
 def read_corpus(source):
-    """'shakespeare' or a path -> text."""
-    return read_shakespeare() if source == "shakespeare" else read_text_file(source)
+    """A corpus name ('shakespeare', 'seed-sentences') or a path -> text."""
+    return read_cached(CORPORA[source]) if source in CORPORA else read_text_file(source)
 
 
 # -----------------------------------------------------------------------------
@@ -261,31 +288,46 @@ class TokenStream:
 # batches: one sentence (line) per sequence, the seed report's way
 
 
+def shuffled_lines(text, split_seed=42):
+    """This project's split of a text's lines: shuffled with torch (split_seed), first 80% train."""
+    lines = [line for line in text.split("\n") if line.strip()]
+    order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(split_seed)).tolist()
+    n_train = int(0.8 * len(lines))
+    return [lines[i] for i in order[:n_train]], [lines[i] for i in order[n_train:]]
+
+
+def report_lines(text):
+    """The seed report's own split (its dataset code): the stripped non-empty lines, random.seed(42),
+    random.shuffle, first int(0.8 * n) train; its vocabulary then comes from the training lines only."""
+    lines = [line.strip() for line in text.split("\n") if line.strip()]
+    random.Random(42).shuffle(lines)  # what random.seed(42); random.shuffle(lines) does
+    n_train = int(0.8 * len(lines))
+    return lines[:n_train], lines[n_train:]
+
+
 class SentenceSet:
-    """Each non-empty line is <BOS> w1 .. wn <EOS>, read up to block_size tokens and padded.
+    """Each line is <BOS> w1 .. wn <EOS>, read up to block_size tokens and padded.
 
     Inputs x are the first block_size tokens, targets y the next ones; padding
     targets are IGNORE. Longer lines are truncated (the report's max_length).
-    Lines are shuffled with split_seed (42, as in the report) and split 80/20;
-    training visits them epoch by epoch in a fresh random order.
+    The lines come split in two (shuffled_lines or report_lines); training visits
+    the training lines epoch by epoch in a fresh random order.
     """
 
-    def __init__(self, text, tokenizer, block_size, seed, split_seed=42):
+    def __init__(self, train_lines, val_lines, tokenizer, block_size, seed):
         self.tokenizer, self.block_size = tokenizer, block_size
         if not isinstance(tokenizer, WordTokenizer):
             raise UserError("--sentences needs --tokenizer word (it uses <BOS>, <EOS> and <PAD>)")
-        lines = [line for line in text.split("\n") if line.strip()]
-        order = torch.randperm(len(lines), generator=torch.Generator().manual_seed(split_seed)).tolist()
-        n_train = int(0.8 * len(lines))
         self.truncated, self.unknown, self.words = 0, 0, 0
         self.splits = {}
-        for split, chosen in (("train", order[:n_train]), ("val", order[n_train:])):
-            if not chosen:
-                raise UserError(f"the corpus has {len(lines)} non-empty lines: too few for an 80/20 split")
-            self.splits[split] = self._pad([lines[i] for i in chosen])
+        for split, lines in (("train", train_lines), ("val", val_lines)):
+            if not lines:
+                raise UserError(f"the corpus has {len(train_lines) + len(val_lines)} non-empty lines: "
+                                "too few for an 80/20 split")
+            self.splits[split] = self._pad(lines)
         self.generator = torch.Generator().manual_seed(seed)
         self.eval_seed = seed + 1_000_003
-        self.order, self.cursor = torch.randperm(n_train, generator=self.generator), 0
+        self.order, self.cursor = torch.randperm(len(train_lines), generator=self.generator), 0
 
     def _pad(self, lines):
         T = self.block_size
@@ -313,8 +355,10 @@ class SentenceSet:
         return x[rows], y[rows]
 
     def eval_batches(self, split, batch_size, count):
-        generator = torch.Generator().manual_seed(self.eval_seed)
         x, y = self.splits[split]
+        if batch_size * count >= len(x):  # a small split is read whole, once: the exact loss
+            return [(x[i : i + batch_size], y[i : i + batch_size]) for i in range(0, len(x), batch_size)]
+        generator = torch.Generator().manual_seed(self.eval_seed)
         rows = [torch.randint(len(x), (batch_size,), generator=generator) for _ in range(count)]
         return [(x[r], y[r]) for r in rows]
 
@@ -433,19 +477,27 @@ def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_si
                             "queries": recall_queries}
         return dataset
     text = read_corpus(data)
-    if tokenizer == "char":
-        tok = CharTokenizer.from_text(text)
-    elif tokenizer == "word":
-        tok = WordTokenizer.from_text(text, vocab_size)
-    else:
+    if tokenizer not in ("char", "word"):
         raise UserError(f"unknown tokenizer '{tokenizer}' (choose char or word)")
-    dataset = SentenceSet(text, tok, block_size, seed) if sentences else TokenStream(tok.encode(text), tok, block_size, seed)
+    if sentences:  # the report's own sentences are split the report's way
+        train_lines, val_lines = report_lines(text) if data == "seed-sentences" else shuffled_lines(text)
+        vocabulary_text = "\n".join(train_lines) if data == "seed-sentences" else text
+    else:
+        vocabulary_text = text
+    if tokenizer == "char":
+        tok = CharTokenizer.from_text(vocabulary_text)
+    else:
+        tok = WordTokenizer.from_text(vocabulary_text, vocab_size)
+    if sentences:
+        dataset = SentenceSet(train_lines, val_lines, tok, block_size, seed)
+    else:
+        dataset = TokenStream(tok.encode(text), tok, block_size, seed)
     dataset.identity = {"data": corpus_name(data), "chars": len(text), "sha256": _sha256(text.encode("utf-8"))}
     return dataset
 
 
 def corpus_name(data):
-    return Path(data).name if data not in ("shakespeare", "recall") else data
+    return data if data in CORPORA or data == "recall" else Path(data).name
 
 
 def describe(data, dataset):
@@ -455,7 +507,7 @@ def describe(data, dataset):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Print a corpus's statistics.")
-    parser.add_argument("--data", default="shakespeare", help="'shakespeare', 'recall' or a text file")
+    parser.add_argument("--data", default="shakespeare", help="'shakespeare', 'seed-sentences', 'recall' or a text file")
     parser.add_argument("--tokenizer", default="char", help="char or word")
     parser.add_argument("--vocab-size", type=int, default=1000, help="word vocabulary size, specials included")
     parser.add_argument("--sentences", action="store_true", help="one line per sequence")

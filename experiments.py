@@ -3,7 +3,10 @@ The project's experiments: one command each, writing results/<study>.md, .json a
 
     python experiments.py seed [--budget quick|full] [--data PATH]          # the seed report's table, on real text
     python experiments.py improvements [--budget quick|full] [--data PATH]  # the report's fixes, one at a time
+    python experiments.py seed-sentences                                    # the same on the report's own 30 sentences
     python experiments.py recall [--budget quick|full]                      # associative recall against state size
+    python experiments.py lr-sweep [--budget quick|full]                    # each model's best learning rate (scaling.py)
+    python experiments.py scaling                                           # longer training, larger size (scaling.py)
 
 Every row is an ordinary train.py run in runs/experiments/<study>-<budget>/<row>.
 A finished row is never trained again and an interrupted one resumes, so
@@ -106,12 +109,13 @@ def corpus_label(data):
     return "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
 
 
-def header(study, budget, device, data, started, extra=""):
+def header(study, budget, device, data, started, extra="", command=None):
     """The lines that say how a table was made."""
     data_flag = f" --data {data}" if data not in ("shakespeare", "recall") else ""
+    command = command or f"python experiments.py {study} --budget {budget}{data_flag}"
     return (f"Measured {time.strftime('%Y-%m-%d', time.localtime(started))} on {hardware(device)}, "
             f"torch {torch.__version__}; budget `{budget}`; data `{data}`. {extra}\n"
-            f"Command: `python experiments.py {study} --budget {budget}{data_flag}`.\n")
+            f"Command: `{command}`.\n")
 
 
 def write_results(study, markdown, payload, figure_paths):
@@ -311,6 +315,58 @@ def study_seed(args, device):
 
 
 # -----------------------------------------------------------------------------
+# study 2b: the seed report's table on the seed report's own 30 sentences
+
+SENTENCE_SEEDS = [1, 2, 3, 4, 5]
+
+
+def study_seed_sentences(args, device):
+    """The report's five rows with its own settings and data, five seeds each, beside its numbers."""
+    started = time.time()
+    rows = [Row(f"{row_name}, seed {seed}", ["--preset", preset, "--seed", str(seed)], change, group=row_name,
+                extra={"preset": preset, "seed": seed})
+            for preset, (row_name, change, _) in SEED_REPORT.items() for seed in SENTENCE_SEEDS]
+    summaries = run_rows("seed-sentences", "report", rows, ["--data", "seed-sentences", "--device", args.device],
+                         kept_rows("seed-sentences"))
+    by_row = {}
+    for s in summaries:
+        by_row.setdefault(s["group"], []).append(s)
+    report = {row_name: loss for row_name, _, loss in SEED_REPORT.values()}
+    lines = ["# The seed report's table on the seed report's own data\n",
+             header("seed-sentences", "the report's", device, "seed-sentences", started,
+                    "The report's 30 sentences split its way (24 train, 6 validation, vocabulary from the training "
+                    "lines), its models and settings: word level, batch 16, Adam at 1e-4, 50 epochs (150 for exp 3), "
+                    f"padding unscored, the best validation loss over the epochs. Seeds {SENTENCE_SEEDS}.",
+                    command="python experiments.py seed-sentences"),
+             "| run | change | parameters | best val loss: mean ± half-range | min – max | the report's |",
+             "|---|---|---|---|---|---|"]
+    for row_name, runs in by_row.items():
+        losses = [s["best_val_loss"] for s in runs]
+        mean, spread = mean_spread(losses)
+        lines.append(f"| {row_name} | {runs[0]['note']} | {runs[0]['params']:,} | {mean:.4f} ± {spread:.4f} | "
+                     f"{min(losses):.4f} – {max(losses):.4f} | {report[row_name]:.4f} |")
+    lines += ["\nThe report's orderings, seed by seed (each seed trains every row, so they pair up):\n"]
+    names = list(by_row)
+    for i, first in enumerate(names):
+        for second in names[i + 1:]:
+            lower, higher = sorted((first, second), key=lambda n: report[n])
+            holds = sum(a["best_val_loss"] < b["best_val_loss"] for a, b in zip(by_row[lower], by_row[higher]))
+            verdict = ("survives the seed noise" if holds == len(SENTENCE_SEEDS) else
+                       "reversed in every seed" if holds == 0 else "does not survive the seed noise")
+            lines.append(f"- {lower} below {higher} (report: {report[lower]:.4f} < {report[higher]:.4f}): "
+                         f"in {holds} of {len(SENTENCE_SEEDS)} seeds; {verdict}")
+    lines.append("\nAn epoch here is ceil(24 / 16) = 2 steps of 16 lines (the second takes 8 lines from the next "
+                 "shuffle), where the report's loader gave 16 + 8; validation reads all 6 lines once per epoch.\n")
+    write_results("seed-sentences", "\n".join(lines) + "\n", {"rows": summaries, "seeds": SENTENCE_SEEDS}, [])
+
+
+def kept_rows(study):
+    """The finished rows committed in results/<study>.json, if any."""
+    path = RESULTS / f"{study}.json"
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+# -----------------------------------------------------------------------------
 # study 3: associative recall against the number of facts and the state size
 
 RECALL_BUDGETS = {
@@ -482,7 +538,8 @@ def settle_the_headline(name):
     return study
 
 
-STUDIES = {"seed": study_seed, "improvements": study_improvements, "recall": study_recall,
+STUDIES = {"seed": study_seed, "seed-sentences": study_seed_sentences, "improvements": study_improvements,
+           "recall": study_recall,
            "lr-sweep": settle_the_headline("study_lr_sweep"), "scaling": settle_the_headline("study_scaling")}
 
 if __name__ == "__main__":

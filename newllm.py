@@ -25,8 +25,10 @@ author's later note):
 
 h_t reads c_{t-1}, which needed h_{t-1}: the positions must be visited one after another,
 in training too. `ContextCell.step` is the definition, one position; `ContextCell.forward`
-runs the same loop with the work that never reads the context taken out of it.
-test_models.py checks that the two agree.
+runs the same loop with the work that never reads the context taken out of it, and for the
+report's own update (no gate, no norm) with its backward pass written out (bptt.py), so
+that the weight gradients are summed over all positions at once. test_models.py checks
+that they agree.
 
 Left out on purpose: everything the report did not have. Several contexts, gates that
 read only the input (so training can run in parallel), a matrix memory: stack.py.
@@ -38,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bptt import ContextLoop
 from data import IGNORE
 
 # -----------------------------------------------------------------------------
@@ -65,6 +68,14 @@ class ContextCell(nn.Module):
         for layer in self.fnn[1:]:
             h = F.dropout(F.relu(layer(h)), self.config.dropout, self.training)
         return h
+
+    def dropout_masks(self, like):
+        """Every dropout mask of a sequence in one draw: (L, T, B, H) multipliers 0 or 1 / (1 - p); None when off."""
+        p = self.config.dropout
+        if not self.training or p == 0:
+            return None
+        return torch.empty(self.config.layers, *like.shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p) \
+            .div_(1 - p)
 
     def update(self, context, h):
         """c_{t-1}, h_t -> c_t: added to, or gated; then normalised if asked."""
@@ -98,7 +109,15 @@ class ContextCell(nn.Module):
         E = self.config.embed_dim
         token_weight = self.fnn[0].weight[:, :E]  # (H, E)
         context_weight = self.fnn[0].weight[:, E:].contiguous()  # (H, C), copied once here, not at every position
-        token_part = F.linear(x, token_weight, self.fnn[0].bias).unbind(1)  # T tensors of (B, H)
+        token_part = F.linear(x, token_weight, self.fnn[0].bias)  # (B, T, H)
+        if self.to_gate is None and self.norm is None:  # the report's own update: its backward written out
+            token_part = token_part.to(torch.promote_types(token_part.dtype, torch.float32))  # bf16 autocast: float32
+            token_part = token_part.transpose(0, 1).contiguous()  # (T, B, H): one position after another
+            weights = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
+            hidden = ContextLoop.apply(self.dropout_masks(token_part), token_part, context_weight,
+                                       *weights, self.to_context.weight, self.to_context.bias)  # (T, B, H)
+            return hidden.transpose(0, 1).to(x.dtype)
+        token_part = token_part.unbind(1)  # T tensors of (B, H)
         hiddens = []
         for t in range(x.size(1)):
             h = self.rest_of_fnn(token_part[t] + F.linear(context, context_weight))  # FNN([x_t ; c_{t-1}])

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt
 
 from cli import UserError
 from data import load_dataset
-from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, improvement_rows, mean_spread, run_rows,
+from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, improvement_rows, kept_rows, mean_spread, run_rows,
                          write_results)
 
 # The models compared, by the improvements study's row that defines each (same flags, same parameters).
@@ -32,12 +32,6 @@ COMPARED = {"Transformer": "Transformer", "seed New-LLM": "seed New-LLM", "vecto
             "context matrix": "context matrix"}
 SWEEP_RATES = {"quick": [1e-3, 2e-3, 4e-3], "full": [5e-4, 1e-3, 2e-3]}
 MOST_RATES = 6  # a model's grid grows past an edge at most this far
-
-
-def kept_rows(study):
-    """The finished rows committed in results/<study>.json, if any."""
-    path = RESULTS / f"{study}.json"
-    return json.loads(path.read_text())["rows"] if path.exists() else []
 
 
 def compared_models(scale, vocab_size):
@@ -223,11 +217,11 @@ def crossing(gaps):
 def write_scaling(summaries, rows, best_lr, large_target, device, started, second):
     done = {s["name"]: s for s in summaries}
     lines = ["# Does the lead hold? Longer training and a larger size\n",
-             header("scaling", "quick", device, "shakespeare", started,
+             header("scaling", "quick", device, "shakespeare", started, command="python experiments.py scaling", extra=(
                     f"Every model at its best learning rate from results/lr-sweep.md ("
                     + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items()) + "); batches of 32 x 128 characters, "
                     f"dropout 0.1, cosine decay over the whole run, validation on {SCALING['eval_iters']} fixed batches "
-                    f"every {SCALING['length']['eval_every']} steps (1.02M tokens). Second text: `{second}`."),
+                    f"every {SCALING['length']['eval_every']} steps (1.02M tokens). Second text: `{second}`.")),
              "| run | params | tokens | best val loss | at tokens | last val loss | train loss at the end | wall time |",
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:

@@ -8,10 +8,12 @@ seed report's numbers, tokenizers and checkpoints round-trip.
 """
 
 import math
+import random
 
 import pytest
 import torch
 
+import data
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError
 from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset,
@@ -50,6 +52,37 @@ def tiny(name):
 
 # -----------------------------------------------------------------------------
 # the models
+
+
+def test_report_model_backward_with_dropout_equals_autograd():
+    """bptt.py's hand-written backward pass, with dropout on, gives autograd's gradients through the same
+    loop with the same masks (the default variant test above covers it with dropout off)."""
+    torch.manual_seed(0)
+    model = build_model("newllm", **dict(TINY, layers=3, dropout=0.3)).double().train()
+    cell, idx = model.cell, torch.randint(V, (2, T))
+    masks = cell.dropout_masks(torch.empty(T, 2, TINY["hidden_dim"], dtype=torch.float64))
+    assert masks is not None and set(masks.unique().tolist()) == {0.0, 1 / 0.7}
+    cell.dropout_masks = lambda like: masks
+    weights = torch.randn(2, T, TINY["hidden_dim"], dtype=torch.float64)
+
+    def autograd_loop(x):  # newllm.py's equations, written out, with the masks above
+        context, hiddens = torch.zeros(2, TINY["context_dim"], dtype=torch.float64), []
+        for t in range(T):
+            h = torch.relu(cell.fnn[0](torch.cat([x[:, t], context], dim=-1))) * masks[0, t]
+            for l, layer in enumerate(cell.fnn[1:], start=1):
+                h = torch.relu(layer(h)) * masks[l, t]
+            context = context + cell.to_context(h)
+            hiddens.append(h)
+        return torch.stack(hiddens, dim=1)
+
+    results = []
+    for forward in (cell, autograd_loop):
+        x = model.embed(idx).detach().requires_grad_()
+        model.zero_grad()
+        (forward(x) * weights).sum().backward()
+        results.append([x.grad] + [p.grad.clone() for p in cell.parameters()])
+    for fast, reference in zip(*results):
+        assert torch.allclose(fast, reference, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -290,6 +323,23 @@ def test_sentences_are_bos_words_eos_and_padding_is_not_scored(word_corpus):
     x_changed = x.clone()
     x_changed[~scored] = 7  # other tokens on padded input positions: causal, so earlier scores stay
     assert model(x_changed, y)[1].item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_report_sentences_are_split_and_counted_the_reports_way(monkeypatch):
+    """--data seed-sentences: random.seed(42) shuffles the lines, the first 80% train, the vocabulary comes
+    from the training lines only, and the small validation split is read whole, once per evaluation."""
+    lines = [f"sentence {i} about word{i}" for i in range(30)]
+    monkeypatch.setattr(data, "read_corpus", lambda source: "\n".join(lines) + "\n\n")
+    ds = load_dataset("seed-sentences", "word", 1000, 32, sentences=True)
+    expected = list(lines)
+    random.seed(42)
+    random.shuffle(expected)
+    train, val = expected[:24], expected[24:]
+    words = set(ds.tokenizer.tokens)
+    assert all(line.split()[-1] in words for line in train) and not any(line.split()[-1] in words for line in val)
+    batches = ds.eval_batches("val", 16, 50)
+    assert len(batches) == 1 and [ds.tokenizer.decode(row[row != IGNORE].tolist()) for row in batches[0][1]] == \
+        [" ".join(w if w in words else "<UNK>" for w in line.split()) + " <EOS>" for line in val]
 
 
 def test_stream_split_is_contiguous_90_10(char_corpus):

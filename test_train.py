@@ -396,25 +396,26 @@ class FakeResponse:
 
 def test_corrupt_download_is_retried_then_reported(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(data, "SHAKESPEARE_PATH", tmp_path / "tinyshakespeare.txt")
     monkeypatch.setattr(data.time, "sleep", lambda seconds: None)
     calls = []
     monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: calls.append(url) or FakeResponse(b"trunc"))
     with pytest.raises(UserError, match="size/checksum"):
-        data.read_shakespeare()
+        data.read_corpus("shakespeare")
     assert len(calls) == 3 and not (tmp_path / "tinyshakespeare.txt").exists()
 
 
-def test_corrupt_cache_is_downloaded_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["shakespeare", "seed-sentences"])
+def test_corrupt_cache_is_downloaded_again(name, tmp_path, monkeypatch):
     text = b"Tiny but true.\n"
+    corpus = data.CORPORA[name]
+    monkeypatch.setitem(data.CORPORA, name, data.Corpus(corpus.title, corpus.url, len(text), data._sha256(text),
+                                                        corpus.file))
     monkeypatch.setattr(data, "CACHE_DIR", tmp_path)
-    monkeypatch.setattr(data, "SHAKESPEARE_PATH", tmp_path / "tinyshakespeare.txt")
-    monkeypatch.setattr(data, "SHAKESPEARE_BYTES", len(text))
-    monkeypatch.setattr(data, "SHAKESPEARE_SHA256", data._sha256(text))
-    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: FakeResponse(text))
-    (tmp_path / "tinyshakespeare.txt").write_bytes(b"Tiny but tru")  # an interrupted earlier download
-    assert data.read_shakespeare() == text.decode()
-    assert (tmp_path / "tinyshakespeare.txt").read_bytes() == text
+    urls = []
+    monkeypatch.setattr(data.urllib.request, "urlopen", lambda url, timeout: urls.append(url) or FakeResponse(text))
+    (tmp_path / corpus.file).write_bytes(b"Tiny but tru")  # an interrupted earlier download
+    assert data.read_corpus(name) == text.decode()
+    assert (tmp_path / corpus.file).read_bytes() == text and urls == [corpus.url]
 
 
 # -----------------------------------------------------------------------------
