@@ -184,13 +184,16 @@ class WordTokenizer:
         self.vocab_size = len(self.tokens)
 
     @classmethod
-    def from_text(cls, text, vocab_size):
+    def from_text(cls, text, vocab_size, fill=False):
+        """The vocab_size - 4 most frequent words. fill: keep vocab_size entries even when the text has fewer
+        words (the seed report's tokenizer did: its models' embedding and head have vocab_size rows)."""
         if vocab_size <= len(SPECIALS):
             raise UserError(f"--vocab-size must exceed {len(SPECIALS)} (the special tokens)")
         counts = Counter(text.lower().split())
         # most frequent first, ties broken alphabetically so the vocabulary is reproducible
         words = sorted(counts, key=lambda w: (-counts[w], w))[: vocab_size - len(SPECIALS)]
-        return cls(SPECIALS + words)
+        unused = [f"<unused {i}>" for i in range(vocab_size - len(SPECIALS) - len(words))] if fill else []
+        return cls(SPECIALS + words + unused)  # an entry with a space in it is never a word of the text
 
     def encode(self, text):
         return [self.index.get(w, UNK) for w in text.lower().split()]
@@ -298,7 +301,8 @@ def shuffled_lines(text, split_seed=42):
 
 def report_lines(text):
     """The seed report's own split (its dataset code): the stripped non-empty lines, random.seed(42),
-    random.shuffle, first int(0.8 * n) train; its vocabulary then comes from the training lines only."""
+    random.shuffle, first int(0.8 * n) train; its vocabulary then comes from the training lines only,
+    filled up to --vocab-size entries (1,000) like the report's."""
     lines = [line.strip() for line in text.split("\n") if line.strip()]
     random.Random(42).shuffle(lines)  # what random.seed(42); random.shuffle(lines) does
     n_train = int(0.8 * len(lines))
@@ -487,7 +491,7 @@ def load_dataset(data="shakespeare", tokenizer="char", vocab_size=1000, block_si
     if tokenizer == "char":
         tok = CharTokenizer.from_text(vocabulary_text)
     else:
-        tok = WordTokenizer.from_text(vocabulary_text, vocab_size)
+        tok = WordTokenizer.from_text(vocabulary_text, vocab_size, fill=data == "seed-sentences")
     if sentences:
         dataset = SentenceSet(train_lines, val_lines, tok, block_size, seed)
     else:

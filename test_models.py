@@ -336,6 +336,7 @@ def test_report_sentences_are_split_and_counted_the_reports_way(monkeypatch):
     random.shuffle(expected)
     train, val = expected[:24], expected[24:]
     words = set(ds.tokenizer.tokens)
+    assert ds.tokenizer.vocab_size == 1000  # the report's models have 1,000 rows of embedding and head
     assert all(line.split()[-1] in words for line in train) and not any(line.split()[-1] in words for line in val)
     batches = ds.eval_batches("val", 16, 50)
     assert len(batches) == 1 and [ds.tokenizer.decode(row[row != IGNORE].tolist()) for row in batches[0][1]] == \
