@@ -3,7 +3,8 @@ The vector context's recurrence, c_t = a_t * c_{t-1} + b_t (c_0 = 0), for every 
 the loop that defines it, and the chunked form that training runs (stack.py's vector mixer).
 
     sequential_scan   the definition, one position at a time: T steps
-    parallel_scan     the same numbers, a chunk of 16 positions at a time: T/16 steps
+    parallel_scan     the same numbers, a chunk of 16 positions at a time: T/16 steps; its
+                      gradient is the same chunked scan run backwards (ParallelScan)
 
 Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
 
@@ -36,7 +37,35 @@ def sequential_scan(log_a, b):
     return torch.stack(out, dim=1)
 
 
+class ParallelScan(torch.autograd.Function):
+    """parallel_scan with its backward pass written out: autograd would record and replay the dozen
+    elementwise steps of the chunked form; the gradient is itself one scan, run backwards in time.
+
+    With g_t = dL/dc_t counted through every later position,
+        g_t = grad_t + a_{t+1} g_{t+1}     (a scan from the end, with the gates shifted by one)
+        dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
+    """
+
+    @staticmethod
+    def forward(ctx, log_a, b):
+        c = chunked_scan(log_a, b)
+        ctx.save_for_backward(log_a, b, c)
+        return c
+
+    @staticmethod
+    def backward(ctx, grad_c):
+        log_a, b, c = ctx.saved_tensors
+        next_log_a = F.pad(log_a[:, 1:], (0, 0, 0, 1))  # a_{t+1}, and nothing after the last position
+        g = chunked_scan(next_log_a.flip(1), grad_c.flip(1)).flip(1)
+        return g * (c - b), g
+
+
 def parallel_scan(log_a, b):
+    """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward)."""
+    return ParallelScan.apply(log_a, b)
+
+
+def chunked_scan(log_a, b):
     """The same result, a chunk of positions at a time.
 
     Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start,

@@ -281,7 +281,7 @@ def build_parser():
     g = p.add_argument_group("model (unset flags take the architecture's defaults: newllm.py, stack.py, transformer.py)")
     g.add_argument("--arch", default="newllm", choices=list(ARCHS), help="architecture")
     g.add_argument("--preset", choices=list(PRESETS), help="a named configuration (presets.py); flags beside it override it")
-    g.add_argument("--block-size", type=int, default=128, help="tokens per training sequence")
+    g.add_argument("--block-size", type=int, default=64, help="tokens per training sequence")
     g.add_argument("--embed-dim", type=int, help="E: embedding / residual width")
     g.add_argument("--context-dim", type=int, help="newllm, stack: C, the size of the context (vector, or q/k/v width)")
     g.add_argument("--hidden-dim", type=int, help="H: FNN width (newllm) or MLP width (stack, transformer)")
@@ -303,7 +303,7 @@ def build_parser():
 
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=32, help="sequences per step (per process)")
-    g.add_argument("--max-iters", type=int, default=500, help="optimizer steps")
+    g.add_argument("--max-iters", type=int, default=400, help="optimizer steps")
     g.add_argument("--epochs", type=float, help="train for this many passes over the training data instead of --max-iters")
     g.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     g.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"], help="after warmup: cosine decay to lr/10, or constant")
