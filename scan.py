@@ -69,19 +69,20 @@ def chunked_scan(log_a, b):
     """The same result, a chunk of positions at a time.
 
     Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start,
-        c_t = exp(A_t) * (c_start + sum_{s<=t} b_s * exp(-A_s))
+        c_t = exp(A_t) * (c_start + sum_{s<=t} b_s / exp(A_s))
     is two cumulative sums. Then a short loop over the chunk ends carries c from one
-    chunk into the next.
+    chunk into the next. (Written in few passes over memory: ParallelScan records no graph here.)
     """
     B, T, C = b.shape
-    pad = (-T) % CHUNK  # zeros at the end: b = 0 adds nothing and log a = 0 keeps everything
-    log_a = F.pad(log_a, (0, 0, 0, pad)).view(B, -1, CHUNK, C)  # (B, n, Q, C)
-    b = F.pad(b, (0, 0, 0, pad)).view(B, -1, CHUNK, C)  # (B, n, Q, C)
-    A = log_a.cumsum(dim=2)  # log decay from each chunk's start to position t
-    local = A.exp() * (b * (-A).exp()).cumsum(dim=2)  # every chunk scanned from c_start = 0
-    decay, ends = A[:, :, -1].exp().unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
+    pad = (-T) % CHUNK
+    if pad:  # zeros at the end: b = 0 adds nothing and log a = 0 keeps everything
+        log_a, b = F.pad(log_a, (0, 0, 0, pad)), F.pad(b, (0, 0, 0, pad))
+    log_a, b = log_a.reshape(B, -1, CHUNK, C), b.reshape(B, -1, CHUNK, C)  # (B, n, Q, C)
+    growth = log_a.cumsum(dim=2).exp_()  # exp(A_t) >= e^-64: decay from each chunk's start to position t
+    local = torch.div(b, growth).cumsum_(dim=2).mul_(growth)  # every chunk scanned from c_start = 0
+    decay, ends = growth[:, :, -1].unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
     starts = [torch.zeros_like(ends[0])]
     for i in range(len(ends) - 1):  # c at each chunk's start, chunk by chunk
-        starts.append(decay[i] * starts[-1] + ends[i])
-    c = local + A.exp() * torch.stack(starts, dim=1)[:, :, None]  # add what came in from before: (B, n, Q, C)
+        starts.append(torch.addcmul(ends[i], decay[i], starts[-1]))  # decay * start + end
+    c = torch.addcmul(local, growth, torch.stack(starts, dim=1)[:, :, None])  # what came in from before
     return c.reshape(B, -1, C)[:, :T]
