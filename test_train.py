@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -462,6 +463,27 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
     monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     assert experiments.run_rows(name, "quick", rows, common) == first
+    # on another machine (no runs/ folder), the summaries committed in results/ stand for the finished rows
+    shutil.rmtree(tmp_path / "runs")
+    assert experiments.run_rows(name, "quick", rows, common, kept=first) == first
+    changed = [experiments.Row("tiny row", ["--arch", "newllm", *TINY, "--lr", "3e-3"])]
+    with pytest.raises(pytest.fail.Exception):  # other flags: the kept numbers do not stand for this row
+        experiments.run_rows(name, "quick", changed, common, kept=first)
+
+
+def test_a_sweep_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch):
+    import experiments
+    monkeypatch.chdir(tmp_path)
+    rows = [experiments.Row("too high", ["--arch", "newllm", *TINY, "--lr", "1e6", "--grad-clip", "0"]),
+            experiments.Row("fine", ["--arch", "newllm", *TINY])]
+    common = ["--data", str(corpus), "--max-iters", "6", "--eval-interval", "2"]
+    with pytest.raises(train.TrainingDiverged):
+        experiments.run_rows("sweep", "quick", rows[:1], common)
+    done = []
+    summaries = experiments.run_rows("sweep2", "quick", rows, common, after_each=lambda s: done.append(len(s)),
+                                     may_diverge=True)
+    assert summaries[0]["best_val_loss"] is None and "diverged" in summaries[0]["diverged"]
+    assert summaries[1]["best_val_loss"] < 10 and done == [1, 2]
 
 
 def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
