@@ -21,7 +21,8 @@ report's model at train.py's defaults) timed twice: as trained (bptt.py's loop w
 backward written out) and as the literal step-by-step definition through autograd.
 
 Training: tokens/s of forward + backward + AdamW step, the same number of
-tokens per step at every length (batch = tokens / length). Generation: the
+tokens per step at every length (batch = tokens / length); the median step of
+each measurement, and the median of 3 rounds in which the models take turns. Generation: the
 state holding `context` tokens is built directly (its contents do not change
 the cost), then `steps` tokens are generated one at a time; the state's size is
 counted tensor by tensor.
@@ -165,7 +166,7 @@ def main(argv=None):
         return
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
-    measure_training(results, train_lengths, seed_lengths, device, repeats)
+    measure_training(results, train_lengths, seed_lengths, device, repeats, rounds=1 if args.quick else 3)
     measure_generation(results, contexts, steps, device)
     results["ratios"], results["targets_met"] = ratios_and_targets(results)
     print("\nratios")
@@ -182,17 +183,20 @@ def main(argv=None):
         print(f"wrote {args.plot}")
 
 
-def measure_training(results, lengths, seed_lengths, device, repeats):
+def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
     """Training tokens/s of every model at every length, and of the report's model as its literal loop."""
     tokens_per_step = results["tokens_per_step"]
     print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
     print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in lengths))
-    for name in MODELS:
-        model, params = make(name, max(lengths), device)
+    models = {name: make(name, max(lengths), device) for name in MODELS}
+    measured = {name: {n: [] for n in (seed_lengths if name == "newllm-seed" else lengths)} for name in MODELS}
+    for _ in range(rounds):  # the models take turns, so a slow minute on a shared machine hits them all alike
+        for name, (model, _) in models.items():
+            for n in measured[name]:
+                measured[name][n].append(train_throughput(model, n, tokens_per_step, device, repeats))
+    for name, (model, params) in models.items():
         results["params"][name] = params
-        speeds = {n: train_throughput(model, n, tokens_per_step, device, repeats)
-                  for n in (seed_lengths if name == "newllm-seed" else lengths)}
-        results["train"][name] = speeds
+        speeds = results["train"][name] = {n: statistics.median(runs) for n, runs in measured[name].items()}
         print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
                                                   for n in lengths))
     # the first command's model: train.py's defaults, its batch and length, dropout on as in training
@@ -200,9 +204,10 @@ def measure_training(results, lengths, seed_lengths, device, repeats):
     torch.manual_seed(0)
     model = build_model("newllm", vocab_size=VOCAB, block_size=defaults.block_size, context_dim=256).to(device)
     tokens = defaults.batch_size * defaults.block_size
-    first = {"as trained": train_throughput(model, defaults.block_size, tokens, device, repeats),
-             "literal loop": train_throughput(model, defaults.block_size, tokens, device, repeats,
-                                              lambda i, t: literal_seed_forward(model, i, t))}
+    forwards = {"as trained": None, "literal loop": lambda i, t: literal_seed_forward(model, i, t)}
+    turns = [{how: train_throughput(model, defaults.block_size, tokens, device, repeats, forward)
+              for how, forward in forwards.items()} for _ in range(rounds)]
+    first = {how: statistics.median(turn[how] for turn in turns) for how in forwards}
     results["first_command"] = dict(first, batch=defaults.batch_size, length=defaults.block_size,
                                     params=count_params(model))
     print(f"\nthe first command's model ({count_params(model):,} parameters, batch {defaults.batch_size} x "

@@ -8,6 +8,8 @@ position before the loop, because it never reads the context):
     z_l = W_l h_{l-1} + b_l;   h_l = drop(relu(z_l))          l = 1 .. L-1
     c_t = c_{t-1} + W_o h_{L-1} + b_o                         (the additive update, no gate, no norm)
 and the loop returns h_{L-1} at every position (the token head reads it after the loop).
+Names: W_c are the first Linear's columns that read c_{t-1} (W_x the ones that read x_t);
+W_o, b_o are REPORT.md's W_ctx, b_ctx (newllm.py's `to_context`).
 
 Why write the backward pass by hand. Autograd handles this loop well but not cheaply: at every
 position it records ~3L operations, and for each weight it computes that position's gradient
@@ -29,8 +31,8 @@ import torch
 
 
 class ContextLoop(torch.autograd.Function):
-    """masks (L, T, B, H): dropout's multipliers (0 or 1 / (1 - p)) or None; token_part (T, B, H); the context's
-    weight W_c (H, C), then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position."""
+    """masks (L, T, B, H): dropout's multipliers (0 or 1 / (1 - p)) or None; token_part P (T, B, H); W_c (H, C),
+    then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position."""
 
     @staticmethod
     def forward(ctx, masks, token_part, context_weight, *weights):
@@ -41,12 +43,13 @@ class ContextLoop(torch.autograd.Function):
     def loop(ctx, masks, token_part, context_weight, *weights):
         layers, (out_weight, out_bias) = list(zip(weights[:-2:2], weights[1:-2:2])), weights[-2:]
         T, B, H = token_part.shape
-        hidden = token_part.new_empty(len(layers) + 1, T, B, H)  # h_l at every position: what backward needs
+        hidden = token_part.new_empty(len(layers) + 1, T, B, H)  # h_l after dropout, every position: for backward
         contexts = token_part.new_empty(T, B, context_weight.size(1))  # c_{t-1} at every position
         context = token_part.new_zeros(B, context_weight.size(1))  # c_0 = 0
         for t in range(T):
             contexts[t] = context
-            h = torch.addmm(token_part[t], context, context_weight.T, out=hidden[0, t]).relu_()  # h_0, in place
+            # relu(z_0) into hidden[0, t]; its dropout mask is applied in place just before the next layer reads it
+            h = torch.addmm(token_part[t], context, context_weight.T, out=hidden[0, t]).relu_()
             for l, (weight, bias) in enumerate(layers):
                 if masks is not None:
                     h.mul_(masks[l, t])
@@ -65,8 +68,7 @@ class ContextLoop(torch.autograd.Function):
     @staticmethod
     def loop_backward(ctx, grad_out):
         masks, hidden, contexts, context_weight, out_weight, *layer_weights = ctx.saved_tensors
-        T, B, H = grad_out.shape
-        L = hidden.size(0)
+        T, L = grad_out.size(0), hidden.size(0)
         multiplier = (hidden > 0).to(hidden.dtype)  # D_l at every position: dz = dh * D
         if masks is not None:
             multiplier.mul_(masks)
@@ -80,7 +82,7 @@ class ContextLoop(torch.autograd.Function):
                 dz = torch.mul(g, multiplier[l, t], out=grad_z[l, t])
                 g = dz @ layer_weights[l - 1]  # dL/dh_{l-1}
             dz0 = torch.mul(g, multiplier[0, t], out=grad_z[0, t])
-            dc = torch.addmm(dc, dz0, context_weight)  # c_{t-1} reaches c_t directly and through z_0
+            dc = torch.addmm(dc, dz0, context_weight)  # dL/dc_{t-1} = dL/dc_t (the identity path) + W_c^T dz_0
         # the weight gradients: sums over all positions, one large product each
         flat = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
         grads = []

@@ -90,8 +90,11 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
         n = -(-T // Q)  # ceil(T / Q)
         # Zero padding is harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last.
         pad = n * Q - T
-        q, k, v = (F.pad(x, (0, 0, 0, pad)).reshape(B, nh, n, Q, -1) for x in (q, k, v))  # (B, nh, n, Q, dk or dv)
-        beta, log_alpha = (F.pad(x, (0, pad)).reshape(B, nh, n, Q) for x in (beta, log_alpha))  # (B, nh, n, Q)
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+            beta, log_alpha = (F.pad(x, (0, pad)) for x in (beta, log_alpha))
+        q, k, v = (x.reshape(B, nh, n, Q, -1) for x in (q, k, v))  # (B, nh, n, Q, dk or dv)
+        beta, log_alpha = (x.reshape(B, nh, n, Q) for x in (beta, log_alpha))  # (B, nh, n, Q)
 
         g = log_alpha.cumsum(-1)                                    # (B, nh, n, Q) log of decay since chunk start
         gamma = g.exp()                                             # (B, nh, n, Q) gamma_t = exp(g_t) <= 1

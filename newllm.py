@@ -24,14 +24,14 @@ author's later note):
     --context-norm  c_t = LayerNorm(c_t) after every update (the author's later note)
 
 h_t reads c_{t-1}, which needed h_{t-1}: the positions must be visited one after another,
-in training too. `ContextCell.step` is the definition, one position; `ContextCell.forward`
-runs the same loop with the work that never reads the context taken out of it, and for the
-report's own update (no gate, no norm) with its backward pass written out (bptt.py), so
-that the weight gradients are summed over all positions at once. test_models.py checks
-that they agree.
+in training too. `ContextCell.step` is the definition, one position. `ContextCell.forward`
+runs the same loop with the token half of the first Linear moved out of it. For the report's
+own update (no gate, no norm) it also uses the hand-written backward pass of bptt.py, which
+sums each weight's gradient over all positions in one product. test_models.py checks that
+they agree.
 
-Left out on purpose: everything the report did not have. Several contexts, gates that
-read only the input (so training can run in parallel), a matrix memory: stack.py.
+Built in stack.py instead: several contexts, gates that read only the input (so training
+runs in parallel), a matrix memory.
 """
 
 from dataclasses import dataclass
@@ -111,7 +111,8 @@ class ContextCell(nn.Module):
         context_weight = self.fnn[0].weight[:, E:].contiguous()  # (H, C), copied once here, not at every position
         token_part = F.linear(x, token_weight, self.fnn[0].bias)  # (B, T, H)
         if self.to_gate is None and self.norm is None:  # the report's own update: its backward written out
-            token_part = token_part.to(torch.promote_types(token_part.dtype, torch.float32))  # bf16 autocast: float32
+            # under bf16 autocast F.linear returns bf16; the summed context stays in float32
+            token_part = token_part.to(torch.promote_types(token_part.dtype, torch.float32))
             token_part = token_part.transpose(0, 1).contiguous()  # (T, B, H): one position after another
             weights = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
             hidden = ContextLoop.apply(self.dropout_masks(token_part), token_part, context_weight,
@@ -174,7 +175,7 @@ class NewLLM(nn.Module):
     def forward(self, idx, targets=None):
         """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""
         h = self.cell(self.embed(idx))  # (B, T, H)
-        logits = self.head(h)  # (B, T, V): the token head is linear, so once after the loop is the same
+        logits = self.head(h)  # (B, T, V): the logits never feed back into the context: one call after the loop
         return logits, language_model_loss(logits, targets)
 
     def init_state(self, batch_size, device):

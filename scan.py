@@ -55,7 +55,8 @@ class ParallelScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_c):
         log_a, b, c = ctx.saved_tensors
-        next_log_a = F.pad(log_a[:, 1:], (0, 0, 0, 1))  # a_{t+1}, and nothing after the last position
+        next_log_a = F.pad(log_a[:, 1:], (0, 0, 0, 1))  # a_{t+1}; after the last position log a = 0 (a = 1)
+        # is harmless: the reversed scan starts there from 0
         g = chunked_scan(next_log_a.flip(1), grad_c.flip(1)).flip(1)
         return g * (c - b), g
 
@@ -66,12 +67,14 @@ def parallel_scan(log_a, b):
 
 
 def chunked_scan(log_a, b):
-    """The same result, a chunk of positions at a time.
+    """sequential_scan's values, a chunk of positions at a time.
 
-    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start,
-        c_t = exp(A_t) * (c_start + sum_{s<=t} b_s / exp(A_s))
+    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start and c_in
+    the value carried in from the previous chunk,
+        c_t = exp(A_t) * (c_in + sum_{s<=t} b_s / exp(A_s))
     is two cumulative sums. Then a short loop over the chunk ends carries c from one
-    chunk into the next. (Written in few passes over memory: ParallelScan records no graph here.)
+    chunk into the next. Values only: ParallelScan calls it with autograd off, so the
+    in-place steps (fewer passes over memory) are safe.
     """
     B, T, C = b.shape
     pad = (-T) % CHUNK
@@ -79,7 +82,7 @@ def chunked_scan(log_a, b):
         log_a, b = F.pad(log_a, (0, 0, 0, pad)), F.pad(b, (0, 0, 0, pad))
     log_a, b = log_a.reshape(B, -1, CHUNK, C), b.reshape(B, -1, CHUNK, C)  # (B, n, Q, C)
     growth = log_a.cumsum(dim=2).exp_()  # exp(A_t) >= e^-64: decay from each chunk's start to position t
-    local = torch.div(b, growth).cumsum_(dim=2).mul_(growth)  # every chunk scanned from c_start = 0
+    local = torch.div(b, growth).cumsum_(dim=2).mul_(growth)  # every chunk scanned from c_in = 0
     decay, ends = growth[:, :, -1].unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
     starts = [torch.zeros_like(ends[0])]
     for i in range(len(ends) - 1):  # c at each chunk's start, chunk by chunk
