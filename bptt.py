@@ -68,7 +68,7 @@ class ContextLoop(torch.autograd.Function):
     @staticmethod
     def loop_backward(ctx, grad_out):
         masks, hidden, contexts, context_weight, out_weight, *layer_weights = ctx.saved_tensors
-        T, L = grad_out.size(0), hidden.size(0)
+        (T, B, _), L = grad_out.shape, hidden.size(0)
         multiplier = (hidden > 0).to(hidden.dtype)  # D_l at every position: dz = dh * D
         if masks is not None:
             multiplier.mul_(masks)
