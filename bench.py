@@ -24,8 +24,8 @@ Training: tokens/s of forward + backward + AdamW step, the same number of
 tokens per step at every length (batch = tokens / length); the median step of
 each measurement, and the median of 3 rounds in which the models take turns. Generation: the
 state holding `context` tokens is built directly (its contents do not change
-the cost), then `steps` tokens are generated one at a time; the state's size is
-counted tensor by tensor.
+the cost), then `steps` tokens are generated one at a time (the median step, and
+the median of 3 rounds); the state's size is counted tensor by tensor.
 """
 
 import json
@@ -167,7 +167,7 @@ def main(argv=None):
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
     measure_training(results, train_lengths, seed_lengths, device, repeats, rounds=1 if args.quick else 3)
-    measure_generation(results, contexts, steps, device)
+    measure_generation(results, contexts, steps, device, rounds=1 if args.quick else 3)
     results["ratios"], results["targets_met"] = ratios_and_targets(results)
     print("\nratios")
     for key, value in results["ratios"].items():
@@ -214,14 +214,15 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
           f"{defaults.block_size}): " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in first.items()))
 
 
-def measure_generation(results, contexts, steps, device):
+def measure_generation(results, contexts, steps, device, rounds):
     """Per-token latency, state size and memory of generation after `context` tokens, for each model."""
     gpu = device.type == "cuda"
     print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
     print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
     for name in ("transformer", "newllm-stack", "matrix-stack"):
         model, _ = make(name, max(contexts) + steps + 8, device)
-        rows = {n: generation(model, n, steps, device) for n in contexts}
+        turns = [{n: generation(model, n, steps, device) for n in contexts} for _ in range(rounds)]
+        rows = {n: (statistics.median(turn[n][0] for turn in turns), *turns[-1][n][1:]) for n in contexts}
         results["generate"][name] = {n: {"s_per_token": s, "state_bytes": b, "memory_bytes": m}
                                      for n, (s, b, m) in rows.items()}
         print(f"{name:<22}" + "".join(f"{s * 1e3:>8.2f} |{b / 2**20:>6.2f} |{(m or 0) / 2**20:>6.0f}"
