@@ -96,10 +96,10 @@ def test_seed_presets_have_the_reports_parameter_counts(word_corpus, capsys):
 
 
 def test_dry_run_params_equal_the_formula(corpus):
-    V = len(set(corpus.read_text()))
-    assert train.main(["--data", str(corpus), "--dry-run"])["params"] == seed_params(V, 128, 256, 256, 512, 8)
+    V, T = len(set(corpus.read_text())), train.parse_args([]).block_size  # the position table has T rows
+    assert train.main(["--data", str(corpus), "--dry-run"])["params"] == seed_params(V, T, 256, 256, 512, 8)
     assert train.main(["--arch", "transformer", "--data", str(corpus), "--dry-run"])["params"] \
-        == transformer_params(V, 128, 256, 3, 1024)
+        == transformer_params(V, T, 256, 3, 1024)
 
 
 def test_a_flag_overrides_its_preset():
