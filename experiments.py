@@ -322,42 +322,71 @@ SENTENCE_SEEDS = [1, 2, 3, 4, 5]
 
 def study_seed_sentences(args, device):
     """The report's five rows with its own settings and data, five seeds each, beside its numbers."""
-    started = time.time()
     rows = [Row(f"{row_name}, seed {seed}", ["--preset", preset, "--seed", str(seed)], change, group=row_name,
                 extra={"preset": preset, "seed": seed})
             for preset, (row_name, change, _) in SEED_REPORT.items() for seed in SENTENCE_SEEDS]
-    summaries = run_rows("seed-sentences", "report", rows, ["--data", "seed-sentences", "--device", args.device],
-                         kept_rows("seed-sentences"))
+    kept = kept_rows("seed-sentences")
+    started = json.loads((RESULTS / "seed-sentences.json").read_text())["started"] if kept else time.time()
+
+    def write(summaries):  # after every finished run: a study cut short keeps what it measured
+        write_seed_sentences(summaries, device, started)
+
+    write(run_rows("seed-sentences", "report", rows, ["--data", "seed-sentences", "--device", args.device], kept,
+                   write))
+
+
+def write_seed_sentences(summaries, device, started):
     by_row = {}
     for s in summaries:
-        by_row.setdefault(s["group"], []).append(s)
+        by_row.setdefault(s["group"], {})[s["extra"]["seed"]] = s["best_val_loss"]
     report = {row_name: loss for row_name, _, loss in SEED_REPORT.values()}
+    notes = {row_name: change for row_name, change, _ in SEED_REPORT.values()}
+    params = {s["group"]: s["params"] for s in summaries}
     lines = ["# The seed report's table on the seed report's own data\n",
              header("seed-sentences", "the report's", device, "seed-sentences", started,
                     "The report's 30 sentences split its way (24 train, 6 validation, vocabulary from the training "
-                    "lines), its models and settings: word level, batch 16, Adam at 1e-4, 50 epochs (150 for exp 3), "
-                    f"padding unscored, the best validation loss over the epochs. Seeds {SENTENCE_SEEDS}.",
-                    command="python experiments.py seed-sentences"),
-             "| run | change | parameters | best val loss: mean ± half-range | min – max | the report's |",
-             "|---|---|---|---|---|---|"]
-    for row_name, runs in by_row.items():
-        losses = [s["best_val_loss"] for s in runs]
-        mean, spread = mean_spread(losses)
-        lines.append(f"| {row_name} | {runs[0]['note']} | {runs[0]['params']:,} | {mean:.4f} ± {spread:.4f} | "
-                     f"{min(losses):.4f} – {max(losses):.4f} | {report[row_name]:.4f} |")
+                    "lines, 1,000 entries), its models and settings: word level, batch 16, Adam at 1e-4, 50 epochs "
+                    "(150 for exp 3), padding unscored, the best validation loss over the epochs. Seeds "
+                    f"{SENTENCE_SEEDS}.", command="python experiments.py seed-sentences"),
+             "| run | change | parameters | best val loss: mean ± half-range | min – max | seeds | the report's |",
+             "|---|---|---|---|---|---|---|"]
+    for row_name, losses in by_row.items():
+        mean, spread = mean_spread(list(losses.values()))
+        lines.append(f"| {row_name} | {notes[row_name]} | {params[row_name]:,} | {mean:.4f} ± {spread:.4f} | "
+                     f"{min(losses.values()):.4f} – {max(losses.values()):.4f} | {len(losses)} | "
+                     f"{report[row_name]:.4f} |")
     lines += ["\nThe report's orderings, seed by seed (each seed trains every row, so they pair up):\n"]
     names = list(by_row)
     for i, first in enumerate(names):
         for second in names[i + 1:]:
             lower, higher = sorted((first, second), key=lambda n: report[n])
-            holds = sum(a["best_val_loss"] < b["best_val_loss"] for a, b in zip(by_row[lower], by_row[higher]))
-            verdict = ("survives the seed noise" if holds == len(SENTENCE_SEEDS) else
+            seeds = [seed for seed in by_row[lower] if seed in by_row[higher]]
+            holds = sum(by_row[lower][seed] < by_row[higher][seed] for seed in seeds)
+            verdict = ("survives the seed noise" if holds == len(seeds) else
                        "reversed in every seed" if holds == 0 else "does not survive the seed noise")
             lines.append(f"- {lower} below {higher} (report: {report[lower]:.4f} < {report[higher]:.4f}): "
-                         f"in {holds} of {len(SENTENCE_SEEDS)} seeds; {verdict}")
+                         f"in {holds} of {len(seeds)} seeds; {verdict}")
     lines.append("\nAn epoch here is ceil(24 / 16) = 2 steps of 16 lines (the second takes 8 lines from the next "
                  "shuffle), where the report's loader gave 16 + 8; validation reads all 6 lines once per epoch.\n")
-    write_results("seed-sentences", "\n".join(lines) + "\n", {"rows": summaries, "seeds": SENTENCE_SEEDS}, [])
+    lines.append("![seeds](seed-sentences.png)\n")
+    figure = RESULTS / "seed-sentences.png"
+    RESULTS.mkdir(exist_ok=True)
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for x, (row_name, losses) in enumerate(by_row.items()):
+        ax.plot([x] * len(losses), list(losses.values()), "o", color="C0", alpha=0.6,
+                label="this project, one seed each" if x == 0 else None)
+        ax.plot([x], [report[row_name]], "x", color="C3", markersize=10, mew=2,
+                label="the report (one run)" if x == 0 else None)
+    ax.set_xticks(range(len(by_row)), list(by_row))
+    ax.set_ylabel("best validation loss (nats per word)")
+    ax.set_title("The report's five runs on its own 30 sentences")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    write_results("seed-sentences", "\n".join(lines) + "\n",
+                  {"started": started, "seeds": SENTENCE_SEEDS, "rows": summaries}, [figure])
 
 
 def kept_rows(study):
