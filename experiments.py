@@ -362,10 +362,16 @@ def write_seed_sentences(summaries, device, started):
             lower, higher = sorted((first, second), key=lambda n: report[n])
             seeds = [seed for seed in by_row[lower] if seed in by_row[higher]]
             holds = sum(by_row[lower][seed] < by_row[higher][seed] for seed in seeds)
-            verdict = ("survives the seed noise" if holds == len(seeds) else
-                       "reversed in every seed" if holds == 0 else "does not survive the seed noise")
+            ties = sum(by_row[lower][seed] == by_row[higher][seed] for seed in seeds)
+            verdict = ("equal in every seed (the best epoch comes before the shorter run ends)" if ties == len(seeds)
+                       else "survives the seed noise" if holds == len(seeds)
+                       else "reversed in every seed" if holds + ties == 0 else "does not survive the seed noise")
             lines.append(f"- {lower} below {higher} (report: {report[lower]:.4f} < {report[higher]:.4f}): "
                          f"in {holds} of {len(seeds)} seeds; {verdict}")
+    best_epochs = {row_name: sorted(min(s["curve"], key=lambda p: p["val_loss"])["step"] // 2 for s in summaries
+                                    if s["group"] == row_name and s.get("curve")) for row_name in by_row}
+    lines.append("\nThe epoch of each seed's best validation loss: " + "; ".join(
+        f"{row_name} {', '.join(map(str, epochs))}" for row_name, epochs in best_epochs.items() if epochs) + ".")
     lines.append("\nAn epoch here is ceil(24 / 16) = 2 steps of 16 lines (the second takes 8 lines from the next "
                  "shuffle), where the report's loader gave 16 + 8; validation reads all 6 lines once per epoch.\n")
     lines.append("![seeds](seed-sentences.png)\n")
