@@ -325,8 +325,7 @@ def study_seed_sentences(args, device):
     rows = [Row(f"{row_name}, seed {seed}", ["--preset", preset, "--seed", str(seed)], change, group=row_name,
                 extra={"preset": preset, "seed": seed})
             for preset, (row_name, change, _) in SEED_REPORT.items() for seed in SENTENCE_SEEDS]
-    kept = kept_rows("seed-sentences")
-    started = json.loads((RESULTS / "seed-sentences.json").read_text())["started"] if kept else time.time()
+    kept, started = kept_rows("seed-sentences")
 
     def write(summaries):  # after every finished run: a study cut short keeps what it measured
         write_seed_sentences(summaries, device, started)
@@ -396,9 +395,12 @@ def write_seed_sentences(summaries, device, started):
 
 
 def kept_rows(study):
-    """The finished rows committed in results/<study>.json, if any."""
+    """The finished rows committed in results/<study>.json, if any, and when the study started (now if new)."""
     path = RESULTS / f"{study}.json"
-    return json.loads(path.read_text())["rows"] if path.exists() else []
+    if not path.exists():
+        return [], time.time()
+    saved = json.loads(path.read_text())
+    return saved["rows"], saved.get("started", time.time())
 
 
 # -----------------------------------------------------------------------------

@@ -13,8 +13,6 @@ has it).
 """
 
 import json
-import math
-import time
 from pathlib import Path
 
 import matplotlib
@@ -51,8 +49,7 @@ def study_lr_sweep(args, device):
     models, target = compared_models(scale, dataset.tokenizer.vocab_size)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
-    kept = kept_rows("lr-sweep")
-    started = json.loads((RESULTS / "lr-sweep.json").read_text())["started"] if kept else time.time()
+    kept, started = kept_rows("lr-sweep")
 
     def write(summaries):
         write_sweep(summaries, grid, args, device, target, started)
@@ -188,8 +185,7 @@ def study_scaling(args, device):
     best_lr = tuned_rates()
     vocab = {data: load_dataset(data, "char", block_size=128).tokenizer.vocab_size for data in ("shakespeare", second)}
     rows, large_target = scaling_rows(best_lr, vocab, second)
-    kept = kept_rows("scaling")
-    started = json.loads((RESULTS / "scaling.json").read_text())["started"] if kept else time.time()
+    kept, started = kept_rows("scaling")
     common = ["--block-size", "128", "--batch-size", "32", "--dropout", "0.1", "--eval-iters",
               str(SCALING["eval_iters"]), "--device", args.device]
 
@@ -299,7 +295,7 @@ def plot_scaling(done, rows, path):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     low = min((min(p["val_loss"] for p in runs[0]["curve"]) for runs in by.values()), default=1.0)
-    losses.set_ylim(low - 0.05, low + 1.0 if math.isfinite(low) else None)
+    losses.set_ylim(low - 0.05, low + 1.0)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
