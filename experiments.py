@@ -412,9 +412,12 @@ RECALL_BUDGETS = {
     "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, width=64, sizes=[32, 64, 128, 256, 512],
                   default_size=64, matrix_heads=[16, 8, 4, 2, 1], default_heads=2, window=8,
                   longer=[(128, 24), (256, 31)],
-                  # the default matrix again with a second seed, and one a little narrower (2 x 30x30), whose
-                  # state with the conv windows (3,984 numbers) fits in a quarter of the KV cache (4,096)
-                  more_matrices=[dict(width=64, heads=2, seed=2), dict(width=60, heads=2, seed=1337)]),
+                  # the default matrix again with a second seed; one a little narrower (2 x 30x30), whose
+                  # state with the conv windows (3,984 numbers) fits in a quarter of the KV cache (4,096); and
+                  # the default's 32-wide keys with narrower values (2 x 24x32: 3,456; 2 x 16x32: 2,432)
+                  more_matrices=[dict(width=64, heads=2, seed=2), dict(width=60, heads=2, seed=1337),
+                                 dict(width=48, heads=2, key=32, seed=1337), dict(width=32, heads=2, key=32, seed=1337),
+                                 dict(width=48, heads=2, key=32, seed=2)]),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
@@ -442,11 +445,13 @@ def recall_rows(budget):
                             extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]}))
     matrices = [dict(width=budget["width"], heads=heads, seed=1337) for heads in budget["matrix_heads"]]
     for m in matrices + budget["more_matrices"]:
-        d, seed = m["width"] // m["heads"], f" (seed {m['seed']})" if m["seed"] != 1337 else ""
-        name = f"context matrix, {m['heads']} heads" + (f" of {d}x{d}" if m["width"] != budget["width"] else "") + seed
+        dv, seed = m["width"] // m["heads"], f" (seed {m['seed']})" if m["seed"] != 1337 else ""
+        dk = m.get("key", dv)
+        keys = ["--key-dim", str(dk)] if "key" in m else []
+        name = f"context matrix, {m['heads']} heads" + (f" of {dv}x{dk}" if m["width"] != budget["width"] else "") + seed
         rows.append(Row(name, [*stack, "--mixer", "matrix", "--context-dim", str(m["width"]), "--context-heads",
-                               str(m["heads"]), "--seed", str(m["seed"])],
-                        extra={"model": "context matrix", "size": f"{m['heads']} x {d}x{d}{seed}",
+                               str(m["heads"]), *keys, "--seed", str(m["seed"])],
+                        extra={"model": "context matrix", "size": f"{m['heads']} x {dv}x{dk}{seed}",
                                "default": m == matrices[budget["matrix_heads"].index(budget["default_heads"])]}))
     return rows
 
@@ -505,13 +510,13 @@ def recall_table(summaries, budget, budget_name, device, started):
              "| model | context | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
              + " | " + " | ".join(longer) + " |", "|---|---|---|---|" + "---|" * (len(budget["pairs"]) + len(longer))]
     for s in summaries:
-        accuracies = " | ".join(f"{100 * s['accuracy'][n]:.0f}%" for n in budget["pairs"])
-        beyond = " | ".join(f"{100 * s['longer'][k]:.0f}%" if k in s["longer"] else "—" for k in longer)
+        accuracies = " | ".join(f"{100 * s['accuracy'][n]:.1f}%" for n in budget["pairs"])
+        beyond = " | ".join(f"{100 * s['longer'][k]:.1f}%" if k in s["longer"] else "—" for k in longer)
         lines.append(f"| {s['extra']['model']} | {s['extra']['size']} | {s['state_floats']:,} | {s['params']:,} | "
                      f"{accuracies} | {beyond} |")
     lines.append("\nState: every number a model carries from one token to the next after the whole sequence "
                  "(the Transformer's KV cache grows with the length; the others do not). Context: the vector's size, "
-                 "or the matrix mixer's heads x (key x value) per block.\n")
+                 "or the matrix mixer's heads x (value x key width) per block.\n")
     lines.append(f"Smallest state reaching 90% and 99% at {hardest} pairs (the Transformer's KV cache there: "
                  f"{kv_cache:,} numbers):\n")
     for model in dict.fromkeys(s["extra"]["model"] for s in summaries):

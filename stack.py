@@ -9,7 +9,8 @@ model. Read newllm.py first; this is where its single context vector goes next.
 Glossary (sizes in brackets after an equation are the vector's length)
     B batch size    T sequence length    V vocabulary size    E embed_dim    H hidden_dim (MLP)
     L layers (blocks, one memory each)   C context_dim        K short_conv (kernel width)
-    nh context_heads (matrix mixer)      d = C / nh (key and value width per head: dk = dv = d)
+    nh context_heads (matrix mixer)      dv = C / nh value width per head
+    dk key_dim (matrix mixer: key and query width per head; dv when not given, a square matrix)
     w local_window (the hybrid only)
 
 What changes from newllm.py. The report's model reads c_{t-1} through its whole FNN, so
@@ -37,7 +38,7 @@ The memory, chosen by --mixer:
             q_t, k_t, v_t = W_q u_t, W_k u_t, W_v u_t, split into nh heads; q, k L2-normalised
             beta_t = sigmoid(W_b u_t)            how strongly to write (one per head)
             alpha_t = sigmoid(W_a u_t + 3)       keep gate (--gate, Gated DeltaNet; else 1)
-            S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T                  (d x d)
+            S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T                (dv x dk)
             m_t = S_t q_t                        the heads' answers side by side              (C)
           Why a matrix. The vector's update can only add: c_t = a c_{t-1} + b_t mixes the new
           fact into everything already there, and reading it back gives the blend. The matrix
@@ -45,7 +46,9 @@ The memory, chosen by --mixer:
           the update S + beta_t (v_t - S k_t) k_t^T replaces that one entry by v_t, leaving
           the directions orthogonal to k_t untouched: it can look a fact up and overwrite it,
           which is what associative recall needs (results/recall.md). Its size is still fixed:
-          nh * d * d numbers per block, whatever the length of the text.
+          nh * dv * dk numbers per block, whatever the length of the text. How many facts
+          it can hold apart is set by the keys' width dk (that many directions are orthogonal),
+          so --key-dim can give the keys more room than the values, which only carry the answer.
   --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
           positions. The one variant with attention; its state is bounded by w, not by T.
 
@@ -164,19 +167,20 @@ class VectorMixer(Mixer):
 
 
 class MatrixMixer(Mixer):
-    """One d x d context matrix per head, written with the (gated) delta rule, read out gated."""
+    """One dv x dk context matrix per head, written with the (gated) delta rule, read out gated."""
 
     reference = False  # True: delta_rule_loop (the definition) instead of delta_rule_chunked
 
     def __init__(self, config):
-        # r_t, q_t, k_t, v_t (C each), then beta_t's logit and, with --gate, alpha_t's (one per head each)
-        super().__init__(config, 4 * config.context_dim + (2 if config.gate else 1) * config.context_heads)
+        # r_t and v_t (C each), q_t and k_t (nh * dk each), beta_t's logit and, with --gate, alpha_t's (nh each)
+        nh, keys = config.context_heads, config.context_heads * config.key_dim
+        super().__init__(config, 2 * config.context_dim + 2 * keys + (2 if config.gate else 1) * nh)
 
     def coefficients(self, u):
-        """u (..., E) -> q, k, v as (..., nh, d) with q, k unit length; beta, log alpha (..., nh); read gate r_t."""
-        C, nh = self.config.context_dim, self.config.context_heads
-        read, q, k, v, gates = self.to_inputs(u).split([C, C, C, C, (2 if self.config.gate else 1) * nh], dim=-1)
-        q, k, v = (x.unflatten(-1, (nh, C // nh)) for x in (q, k, v))  # (..., nh, d)
+        """u (..., E) -> q, k (..., nh, dk) of unit length, v (..., nh, dv); beta, log alpha (..., nh); read gate r_t."""
+        C, nh, keys = self.config.context_dim, self.config.context_heads, self.config.context_heads * self.config.key_dim
+        read, q, k, v, gates = self.to_inputs(u).split([C, keys, keys, C, (2 if self.config.gate else 1) * nh], dim=-1)
+        q, k, v = (x.unflatten(-1, (nh, -1)) for x in (q, k, v))  # (..., nh, dk or dv)
         # unit keys make k k^T a projection, so the delta rule's write can never blow the memory up;
         # unit queries read every head on the same scale
         q, k = F.normalize(at_least_float32(q), dim=-1), F.normalize(at_least_float32(k), dim=-1)
@@ -185,7 +189,7 @@ class MatrixMixer(Mixer):
         return q, k, v, torch.sigmoid(beta), log_alpha, read
 
     def forward(self, u):
-        q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, d) and (B, T, nh)
+        q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, dk or dv) and (B, T, nh)
         q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))  # heads first: (B, nh, T, ...)
         log_alpha = log_alpha.transpose(1, 2) if log_alpha is not None else None
         if self.reference:
@@ -195,12 +199,12 @@ class MatrixMixer(Mixer):
         return self.read_out(recalled.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t (B, T, C), read out: (B, T, E)
 
     def init_state(self, batch_size, device):
-        d = self.config.context_dim // self.config.context_heads
-        return torch.zeros(batch_size, self.config.context_heads, d, d, device=device)  # S_0 = 0: (B, nh, d, d)
+        nh, dk = self.config.context_heads, self.config.key_dim
+        return torch.zeros(batch_size, nh, self.config.context_dim // nh, dk, device=device)  # S_0 = 0: (B, nh, dv, dk)
 
     def step(self, u, memory):
         q, k, v, beta, log_alpha, read = self.coefficients(u)
-        recalled, memory = delta_rule_step(memory, q, k, v, beta, log_alpha)  # (B, nh, d), (B, nh, d, d)
+        recalled, memory = delta_rule_step(memory, q, k, v, beta, log_alpha)  # (B, nh, dv), (B, nh, dv, dk)
         return self.read_out(recalled.flatten(1), read), memory
 
 
@@ -283,7 +287,8 @@ class StackConfig:
     layers: int = 3                     # L: blocks, one context (vector or matrices) each
     dropout: float = 0.1                # on each residual branch
     mixer: str = "vector"               # "vector": a context vector; "matrix": delta-rule context matrices
-    context_heads: int = 1              # nh: matrix mixer: heads, each a (C/nh) x (C/nh) matrix
+    context_heads: int = 1              # nh: matrix mixer: heads, each a dv x dk matrix, dv = C/nh
+    key_dim: Optional[int] = None       # dk: matrix mixer: key and query width per head; dv when not given
     gate: bool = True                   # keep gate a_t (vector) / alpha_t (matrix); off: plain writes
     context_norm: bool = True           # LayerNorm on what the memory returns, before the read gate
     short_conv: int = 4                 # K: causal depthwise conv width before the mixer (0 = off)
@@ -295,6 +300,8 @@ class StackConfig:
     def __post_init__(self):
         if self.hidden_dim is None:
             self.hidden_dim = 4 * self.embed_dim
+        if self.mixer == "matrix" and self.key_dim is None and self.context_heads > 0:
+            self.key_dim = self.context_dim // self.context_heads  # square: dk = dv
         for name in ("vocab_size", "block_size", "embed_dim", "context_dim", "hidden_dim", "layers",
                      "context_heads", "heads"):
             check_positive(self, name)
@@ -305,6 +312,10 @@ class StackConfig:
             raise ValueError(f"--context-heads {self.context_heads} must divide --context-dim {self.context_dim}")
         if self.mixer == "vector" and self.context_heads != 1:
             raise ValueError("--context-heads belongs to the matrix mixer: add --mixer matrix")
+        if self.mixer == "vector" and self.key_dim is not None:
+            raise ValueError("--key-dim belongs to the matrix mixer: add --mixer matrix")
+        if self.mixer == "matrix":
+            check_positive(self, "key_dim")
         if self.timescales and not (self.gate and self.mixer == "vector"):
             raise ValueError("--timescales shapes the vector mixer's gate: use --mixer vector --gate")
         if self.short_conv < 0 or self.local_window < 0:

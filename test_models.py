@@ -38,6 +38,7 @@ VARIANTS = {
     "hybrid": ("stack", dict(STACK, short_conv=2, local_window=5, heads=2)),
     "matrix": ("stack", dict(MATRIX, short_conv=3, context_norm=True)),
     "matrix ungated": ("stack", dict(MATRIX, gate=False)),
+    "matrix, wide keys": ("stack", dict(MATRIX, key_dim=6)),  # 3 heads of 4 x 6
     "transformer": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=4, layers=2, dropout=0.0)),
     "transformer post-norm": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=2, layers=2,
                                                   dropout=0.0, post_norm=True)),

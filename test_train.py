@@ -132,6 +132,8 @@ def test_bad_corpus_files(tmp_path, content, fragment):
     (["--short-conv", "4"], "do(es) not apply to --arch newllm"),
     (["--arch", "stack", "--mixer", "matrix", "--context-dim", "30", "--context-heads", "4"], "must divide"),
     (["--arch", "stack", "--context-heads", "2"], "add --mixer matrix"),
+    (["--arch", "stack", "--key-dim", "8"], "add --mixer matrix"),
+    (["--arch", "stack", "--mixer", "matrix", "--key-dim", "0"], "must be positive"),
     (["--batch-size", "0"], "must be positive"),
     (["--max-iters", "ten"], "invalid int value"),
 ])

@@ -289,7 +289,8 @@ def build_parser():
     g.add_argument("--heads", type=int, help="attention heads (transformer, the stack's hybrid window)")
     g.add_argument("--dropout", type=float, help="dropout probability")
     g.add_argument("--mixer", choices=["vector", "matrix"], help="stack: a context vector, or delta-rule context matrices")
-    g.add_argument("--context-heads", type=int, help="stack, matrix mixer: heads, each a (C/heads) x (C/heads) matrix")
+    g.add_argument("--context-heads", type=int, help="stack, matrix mixer: heads, each a (C/heads) x key-dim matrix")
+    g.add_argument("--key-dim", type=int, help="stack, matrix mixer: key and query width per head (default C/heads)")
     g.add_argument("--context-norm", action=bool_flag,
                    help="newllm: LayerNorm on the context after every update; stack: on what the memory returns")
     g.add_argument("--gate", action=bool_flag,
