@@ -61,19 +61,31 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
     finite is recorded as diverged (a learning-rate sweep's too-high rates) instead of stopping the study."""
     study_dir = Path("runs/experiments") / f"{study}-{budget}"
     kept = {s["name"]: s for s in kept or []}
+
+    def flags_of(row):
+        return [*common_flags, *row.flags, "--out-dir", str(study_dir / slug(row.name)), "--sample-tokens", "0"]
+
+    def labels_of(row):
+        return dict(name=row.name, note=row.note, group=row.group or row.name, extra=row.extra)
+
+    def finished(row):
+        """The row's summary if it was trained already (here, or on another machine), else None;
+        its numbers are kept, its labels come from today's rows."""
+        summary_path = study_dir / slug(row.name) / "summary.json"
+        if summary_path.exists():
+            return dict(json.loads(summary_path.read_text()), **labels_of(row))
+        if kept.get(row.name, {}).get("flags") == flags_of(row):
+            return dict(kept[row.name], **labels_of(row))
+        return None
+
     summaries = []
     bar = tqdm(rows, desc=f"{study} ({budget})", unit="run", dynamic_ncols=True)
-    for row in bar:
-        out = study_dir / slug(row.name)
+    for i, row in enumerate(bar):
+        out, flags = study_dir / slug(row.name), flags_of(row)
         bar.set_postfix_str(row.name)
-        summary_path = out / "summary.json"
-        flags = [*common_flags, *row.flags, "--out-dir", str(out), "--sample-tokens", "0"]
-        labels = dict(name=row.name, note=row.note, group=row.group or row.name, extra=row.extra)
-        if summary_path.exists():  # trained already: its numbers are kept, its labels come from today's rows
-            summaries.append(dict(json.loads(summary_path.read_text()), **labels))
-            continue
-        if kept.get(row.name, {}).get("flags") == flags:  # trained already, on another machine
-            summaries.append(dict(kept[row.name], **labels))
+        done = finished(row)
+        if done:
+            summaries.append(done)
             continue
         if (out / "last.pt").exists():
             how = ["--resume"]
@@ -88,14 +100,14 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
             summary = {"best_val_loss": None, "diverged": str(error), "out_dir": str(out)}
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
             if (out / "log.jsonl").exists() else []
-        summary.update(labels, flags=flags, command="python train.py " + " ".join(flags),
+        summary.update(labels_of(row), flags=flags, command="python train.py " + " ".join(flags),
                        wall_s=log[-1]["time_s"] if log else 0.0,
                        best_val_acc=max((r["val_acc"] for r in log), default=None),
                        curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_loss", "val_loss")} for r in log])
-        summary_path.write_text(json.dumps(summary, indent=2))
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
         summaries.append(summary)
-        if after_each:
-            after_each(summaries)
+        if after_each:  # everything finished so far, including later rows trained in an earlier sitting
+            after_each(summaries + [s for s in map(finished, rows[i + 1:]) if s])
     return summaries
 
 

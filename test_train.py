@@ -463,6 +463,11 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     first = experiments.run_rows(name, "quick", rows, common)
     log = read_log(tmp_path / "runs/experiments/improvements-corpus-quick/tiny-row")
     assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
+    # a partial write after a new row shows every finished row, also those later in the list
+    written = []
+    new_first = [experiments.Row("new row", ["--arch", "newllm", *TINY, "--seed", "2"]), *rows]
+    experiments.run_rows(name, "quick", new_first, common, after_each=lambda s: written.append([r["name"] for r in s]))
+    assert written == [["new row", "tiny row"]]
     monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     assert experiments.run_rows(name, "quick", rows, common) == first
     # on another machine (no runs/ folder), the summaries committed in results/ stand for the finished rows
