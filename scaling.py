@@ -117,9 +117,14 @@ def write_sweep(summaries, grid, args, device, target, started):
         points = sorted((lr, cell[(model, lr)]["best_val_loss"]) for lr in grid[model]
                         if (model, lr) in cell and cell[(model, lr)]["best_val_loss"] is not None)
         if points:
-            ax.plot(*zip(*points), "o-", label=model)
+            line, = ax.plot(*zip(*points), "o-", label=model)
+            low = min(points, key=lambda p: p[1])
+            ax.plot(*low, "*", markersize=16, color=line.get_color())  # the model's best rate
+    rates = sorted({lr for model in grid for lr in grid[model]})
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("peak learning rate")
+    ax.set_xticks(rates, [f"{lr:g}" for lr in rates])
+    ax.minorticks_off()
+    ax.set_xlabel("peak learning rate (star: each model's best)")
     ax.set_ylabel("best validation loss (nats/char)")
     ax.set_title(f"Learning-rate sweep ({args.budget} budget)")
     ax.grid(alpha=0.3)
