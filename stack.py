@@ -47,8 +47,9 @@ The memory, chosen by --mixer:
           the directions orthogonal to k_t untouched: it can look a fact up and overwrite it,
           which is what associative recall needs (results/recall.md). Its size is still fixed:
           nh * dv * dk numbers per block, whatever the length of the text. How many facts
-          it can hold apart is set by the keys' width dk (that many directions are orthogonal),
-          so --key-dim can give the keys more room than the values, which only carry the answer.
+          it can hold apart depends most on the keys' width dk (that many directions are
+          orthogonal), so --key-dim can give the keys more room than the values, which only
+          carry the answer; results/recall.md shows where that stops helping.
   --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
           positions. The one variant with attention; its state is bounded by w, not by T.
 
