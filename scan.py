@@ -61,8 +61,10 @@ class ParallelScan(torch.autograd.Function):
         return g * (c - b), g
 
 
+@torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
 def parallel_scan(log_a, b):
-    """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward)."""
+    """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward).
+    Under torch.compile it stays eager; the gates and the read-out around it are still compiled."""
     return ParallelScan.apply(log_a, b)
 
 
