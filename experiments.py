@@ -426,11 +426,13 @@ RECALL_BUDGETS = {
                   longer=[(128, 24), (256, 31)],
                   # the default matrix again with a second seed; one a little narrower (2 x 30x30), whose
                   # state with the conv windows (3,984 numbers) fits in a quarter of the KV cache (4,096); and
-                  # keys wider than values (2 x 24x32: 3,456 numbers; 2 x 16x32: 2,432; 2 x 20x40: 3,584)
+                  # keys wider than values (2 x 24x32: 3,456 numbers; 2 x 16x32: 2,432; 2 x 20x40: 3,584;
+                  # 2 x 28x32: 3,968)
                   more_matrices=[dict(width=64, heads=2, seed=2), dict(width=60, heads=2, seed=1337),
                                  dict(width=48, heads=2, key=32, seed=1337), dict(width=32, heads=2, key=32, seed=1337),
                                  dict(width=48, heads=2, key=32, seed=2), dict(width=48, heads=2, key=32, seed=3),
-                                 *(dict(width=40, heads=2, key=40, seed=seed) for seed in (1337, 2, 3))]),
+                                 *(dict(width=40, heads=2, key=40, seed=seed) for seed in (1337, 2, 3)),
+                                 *(dict(width=56, heads=2, key=32, seed=seed) for seed in (1337, 2, 3))]),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
