@@ -4,8 +4,8 @@ sequence length, and generation latency and state memory against context
 length, for the Transformer and New-LLM at matched parameter counts.
 
     python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
-    python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~1 minute)
-    python bench.py --compile --json results/bench_compiled.json           # torch.compile (~10 minutes)
+    python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~5 minutes)
+    python bench.py --compile --json results/bench_compiled.json           # torch.compile (~3 minutes)
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -96,6 +96,18 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
     return batch * length / statistics.median(times)
 
 
+def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
+    """name -> {length: median training tokens/s over `rounds` rounds}. The models take turns, so a slow
+    minute on a shared machine hits them all alike. forwards: name -> what to call instead of the model."""
+    measured = {name: {n: [] for n in lengths[name]} for name in models}
+    for _ in range(rounds):
+        for name, (model, _) in models.items():
+            for n in lengths[name]:
+                forward = forwards[name] if forwards else None
+                measured[name][n].append(train_throughput(model, n, tokens, device, repeats, forward))
+    return {name: {n: statistics.median(runs) for n, runs in by_length.items()} for name, by_length in measured.items()}
+
+
 def state_at(model, context, device):
     """A generation state that has read `context` tokens, built directly (its values do not matter for cost)."""
     state = model.init_state(1, device)
@@ -145,7 +157,7 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the three models and time training at lengths 256 and 2048 only "
-                             "(about 10 minutes on a 2-core CPU, compiling included)")
+                             "(about 3 minutes on a 2-core CPU, compiling included)")
     args = parser.parse_args(argv)
     for path in filter(None, (args.json, args.plot)):  # refuse now, not after minutes of measuring
         if not Path(path).resolve().parent.is_dir():
@@ -189,14 +201,11 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
     print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
     print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in lengths))
     models = {name: make(name, max(lengths), device) for name in MODELS}
-    measured = {name: {n: [] for n in (seed_lengths if name == "newllm-seed" else lengths)} for name in MODELS}
-    for _ in range(rounds):  # the models take turns, so a slow minute on a shared machine hits them all alike
-        for name, (model, _) in models.items():
-            for n in measured[name]:
-                measured[name][n].append(train_throughput(model, n, tokens_per_step, device, repeats))
+    medians = take_turns(models, {name: seed_lengths if name == "newllm-seed" else lengths for name in MODELS},
+                         tokens_per_step, device, repeats, rounds)
     for name, (model, params) in models.items():
         results["params"][name] = params
-        speeds = results["train"][name] = {n: statistics.median(runs) for n, runs in measured[name].items()}
+        speeds = results["train"][name] = medians[name]
         print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
                                                   for n in lengths))
     # the first command's model: train.py's defaults, its batch and length, dropout on as in training
@@ -278,17 +287,11 @@ def compiled_training(results, device, repeats, rounds, json_path):
     names = ("transformer", "newllm-stack", "matrix-stack")
     models = {name: make(name, max(lengths), device) for name in names}
     compiled = {name: torch.compile(model) for name, (model, _) in models.items()}
-    measured = {name: {n: [] for n in lengths} for name in names}
-    for _ in range(rounds):  # the models take turns, as in measure_training
-        for name, (model, _) in models.items():
-            for n in lengths:
-                start = time.perf_counter()
-                measured[name][n].append(train_throughput(model, n, results["tokens_per_step"], device, repeats,
-                                                          compiled[name]))
-                print(f"  {name} at {n}: {measured[name][n][-1]:,.0f} tokens/s ({time.perf_counter() - start:.0f} s)")
+    medians = take_turns(models, {name: lengths for name in names}, results["tokens_per_step"], device, repeats,
+                         rounds, compiled)
     for name, (_, params) in models.items():
         results["params"][name] = params
-        results["train"][name] = {n: statistics.median(runs) for n, runs in measured[name].items()}
+        results["train"][name] = medians[name]
         print(f"{name:<22}" + "".join(f"{n:>8}: {v:>8,.0f}" for n, v in results["train"][name].items()))
     t = results["train"]["transformer"]
     results["ratios"] = {f"{short}_vs_transformer_train_{n}": results["train"][name][n] / t[n] for n in lengths

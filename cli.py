@@ -37,8 +37,8 @@ def reuse_freed_memory():
 
     A training step allocates and frees the same large activations every step. By default
     glibc returns blocks that large to the system, and getting them back costs a page fault
-    per 4 KiB the next time they are written: about a fifth of the vector stack's CPU step
-    (torch.profiler), little of the Transformer's, whose attention allocates less. PyTorch's
+    per 4 KiB the next time they are written: about a quarter of the vector stack's CPU step
+    on the machine of the README's speed section (torch.profiler), little of the Transformer's. PyTorch's
     CPU performance guide gets the same by preloading jemalloc or tcmalloc. Elsewhere (macOS,
     musl, Windows) this does nothing.
     """
