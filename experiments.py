@@ -432,11 +432,20 @@ RECALL_BUDGETS = {
                                  dict(width=48, heads=2, key=32, seed=1337), dict(width=32, heads=2, key=32, seed=1337),
                                  dict(width=48, heads=2, key=32, seed=2), dict(width=48, heads=2, key=32, seed=3),
                                  *(dict(width=40, heads=2, key=40, seed=seed) for seed in (1337, 2, 3)),
-                                 *(dict(width=56, heads=2, key=32, seed=seed) for seed in (1337, 2, 3))]),
+                                 *(dict(width=56, heads=2, key=32, seed=seed) for seed in (1337, 2, 3))],
+                  # the same runs learn faster at a higher rate (every one above is still improving at its last
+                  # step): the vector stack and the matrix series again at 8e-3, and the narrow shapes in three seeds
+                  faster=[dict(lr="4e-3", sizes=[], matrices=[dict(width=48, heads=2, key=32, seed=seed)
+                                                                for seed in (1337, 2, 3)]),
+                          dict(lr="8e-3", sizes=[64, 512],
+                               matrices=[*(dict(width=64, heads=heads, seed=1337) for heads in (16, 8, 4, 2, 1)),
+                                         *(dict(width=w, heads=2, key=32, seed=seed)
+                                           for w in (16, 32, 48) for seed in (1337, 2, 3))])]),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
-                 window=16, longer=[(512, 96), (1024, 127)], more_matrices=[dict(width=128, heads=4, seed=2)]),
+                 window=16, longer=[(512, 96), (1024, 127)], more_matrices=[dict(width=128, heads=4, seed=2)],
+                 faster=[]),
 }
 
 
@@ -445,31 +454,57 @@ def recall_rows(budget):
     context matrix at one width with fewer, larger heads (the same parameters, a growing state)."""
     width, hidden = str(budget["width"]), str(2 * budget["width"])
     common_model = ["--embed-dim", width, "--dropout", "0.0"]
-    stack = ["--arch", "stack", *common_model, "--layers", "2", "--gate", "--short-conv", "4", "--context-norm",
-             "--no-pos-embed", "--hidden-dim", hidden]  # the improvements study's best, two blocks
     models = {
         "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", hidden],
-        "vector stack": [*stack, "--mixer", "vector"],
-        "hybrid (local window)": [*stack, "--mixer", "vector", "--local-window", str(budget["window"]), "--heads", "4"],
+        "vector stack": vector_stack_flags(budget),
+        "hybrid (local window)": [*vector_stack_flags(budget), "--local-window", str(budget["window"]),
+                                  "--heads", "4"],
     }
     rows = [Row("Transformer", ["--arch", "transformer", *common_model, "--heads", "4", "--layers", "2",
                                 "--init", "torch"], extra={"model": "Transformer", "size": "—", "default": True})]
     for model, flags in models.items():
-        for size in budget["sizes"]:
-            rows.append(Row(f"{model}, context {size}", [*flags, "--context-dim", str(size)],
-                            extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]}))
-    matrices = [dict(width=budget["width"], heads=heads, seed=1337) for heads in budget["matrix_heads"]]
-    for m in matrices + budget["more_matrices"]:
-        dv, seed = m["width"] // m["heads"], f" (seed {m['seed']})" if m["seed"] != 1337 else ""
-        dk = m.get("key", dv)
-        keys = ["--key-dim", str(dk)] if "key" in m else []
-        name = f"context matrix, {m['heads']} heads" + (f" of {dv}x{dk}" if m["width"] != budget["width"] else "") + seed
-        rows.append(Row(name, [*stack, "--mixer", "matrix", "--context-dim", str(m["width"]), "--context-heads",
-                               str(m["heads"]), *keys, "--seed", str(m["seed"])],
-                        extra={"model": "context matrix", "size": f"{m['heads']} x {dv}x{dk}{seed}",
-                               "shape": f"{m['heads']} x {dv}x{dk}", "series": m in matrices,
-                               "default": m == matrices[budget["matrix_heads"].index(budget["default_heads"])]}))
-    return rows
+        rows += [vector_row(budget, model, flags, size) for size in budget["sizes"]]
+    series = [dict(width=budget["width"], heads=heads, seed=1337) for heads in budget["matrix_heads"]]
+    default = series[budget["matrix_heads"].index(budget["default_heads"])]
+    return rows + [matrix_row(budget, "context matrix", m, m in series, m == default)
+                   for m in series + budget["more_matrices"]]
+
+
+def faster_recall_rows(budget, lr, sizes, matrices):
+    """The vector stack and the context matrix again, trained at learning rate lr."""
+    model = f"vector stack, lr {lr}"
+    rows = [vector_row(budget, model, vector_stack_flags(budget), size, name=f"{model}, context {size}")
+            for size in sizes]
+    default = next((m for m in matrices if m["width"] == budget["width"] and m["heads"] == budget["default_heads"]),
+                   matrices[0])
+    return rows + [matrix_row(budget, f"context matrix, lr {lr}", m, m["width"] == budget["width"], m == default)
+                   for m in matrices]
+
+
+def vector_stack_flags(budget, mixer="vector"):
+    """The improvements study's best stack, two blocks."""
+    return ["--arch", "stack", "--embed-dim", str(budget["width"]), "--dropout", "0.0", "--layers", "2", "--gate",
+            "--short-conv", "4", "--context-norm", "--no-pos-embed", "--hidden-dim", str(2 * budget["width"]),
+            "--mixer", mixer]
+
+
+def vector_row(budget, model, flags, size, name=None):
+    return Row(name or f"{model}, context {size}", [*flags, "--context-dim", str(size)],
+               extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]})
+
+
+def matrix_row(budget, model, m, series, default):
+    """m: the mixer's width (nh * dv), heads, key width (dv when absent) and seed. series: on the line of
+    one width with fewer, larger heads (other rows are hollow dots); default: the one shown against pairs."""
+    dv, seed = m["width"] // m["heads"], f" (seed {m['seed']})" if m["seed"] != 1337 else ""
+    dk = m.get("key", dv)
+    keys = ["--key-dim", str(dk)] if "key" in m else []
+    shape = f" of {dv}x{dk}" if m["width"] != budget["width"] else ""
+    flags = [*vector_stack_flags(budget, "matrix"), "--context-dim", str(m["width"]), "--context-heads",
+             str(m["heads"]), *keys, "--seed", str(m["seed"])]
+    return Row(f"{model}, {m['heads']} heads{shape}{seed}", flags,
+               extra={"model": model, "size": f"{m['heads']} x {dv}x{dk}{seed}", "shape": f"{m['heads']} x {dv}x{dk}",
+                      "series": series, "default": default})
 
 
 def load_model(run_dir, device):
@@ -495,11 +530,14 @@ def state_floats(model, length, device):
 def study_recall(args, device):
     started = time.time()
     budget = RECALL_BUDGETS[args.budget]
-    common = ["--data", "recall", "--recall-vocab", str(budget["vocab"]), "--recall-pairs",
-              ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
-              str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", "2e-3",
-              "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
-    summaries = run_rows("recall", args.budget, recall_rows(budget), common)
+    def common(lr):
+        return ["--data", "recall", "--recall-vocab", str(budget["vocab"]), "--recall-pairs",
+                ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
+                str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", lr,
+                "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
+    summaries = run_rows("recall", args.budget, recall_rows(budget), common("2e-3"))
+    for faster in budget["faster"]:
+        summaries += run_rows("recall", args.budget, faster_recall_rows(budget, **faster), common(faster["lr"]))
     for s in tqdm(summaries, desc="measuring recall", unit="model"):
         model = load_model(s["out_dir"], device)
         s["accuracy"] = {n: recall_accuracy(model, n, budget["vocab"], budget["block"], device) for n in budget["pairs"]}
@@ -520,7 +558,7 @@ def recall_table(summaries, budget, budget_name, device, started):
              header("recall", budget_name, device, "recall", started,
                     f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
                     f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
-                    "sequences; accuracy on 512 fresh sequences per pair count (chance: 1 in "
+                    "sequences at learning rate 2e-3 (or the rate in the model's name); accuracy on 512 fresh sequences per pair count (chance: 1 in "
                     f"{budget['vocab'] // 2}). The last columns ask longer sequences with more pairs than training "
                     "had, of the models without a position table."),
              "| model | context | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
@@ -542,12 +580,17 @@ def recall_table(summaries, budget, budget_name, device, started):
                 shape = s["extra"].get("shape", s["extra"]["size"])
                 seeds.setdefault((s["state_floats"], shape), []).append(s["accuracy"][hardest])
         for bar in (0.90, 0.99):
-            every = [state for (state, _), accs in seeds.items() if min(accs) >= bar]
+            # the smallest shape past the bar in every seed (the most seeds first, at equal state), and a smaller
+            # one past it in some seeds only
+            every = sorted((state, -len(accs), shape) for (state, shape), accs in seeds.items() if min(accs) >= bar)
             some = sorted((state, sum(a >= bar for a in accs), len(accs))
                           for (state, _), accs in seeds.items() if max(accs) >= bar and min(accs) < bar)
-            line = f"- {model}, {100 * bar:.0f}%: " + (f"{min(every):,} numbers ({min(every) / kv_cache:.2f} of the "
-                                                      "KV cache) in every seed run" if every else "not reached")
-            if some and (not every or some[0][0] < min(every)):
+            line = f"- {model}, {100 * bar:.0f}%: not reached"
+            if every:
+                state, runs, shape = every[0]
+                line = (f"- {model}, {100 * bar:.0f}%: {state:,} numbers ({state / kv_cache:.2f} of the KV cache"
+                        f"{', ' + shape if shape != '—' else ''}) in {seed_count(-runs)}")
+            if some and (not every or some[0][0] < every[0][0]):
                 state, hits, runs = some[0]
                 line += f"; {state:,} ({state / kv_cache:.2f}) in {hits} of {runs} seeds"
             lines.append(line)
@@ -555,24 +598,35 @@ def recall_table(summaries, budget, budget_name, device, started):
     return lines
 
 
+def seed_count(runs):
+    return {1: "its one seed", 2: "both seeds"}.get(runs, f"all {runs} seeds")
+
+
 def plot_recall(summaries, budget, path):
-    fig, (by_pairs, by_state) = plt.subplots(1, 2, figsize=(13, 4.8))
+    fig, (by_pairs, by_state) = plt.subplots(1, 2, figsize=(16, 4.8))
     hardest = max(budget["pairs"])
     models = dict.fromkeys(s["extra"]["model"] for s in summaries)
-    for i, model in enumerate(models):
-        color = plt.rcParams["axes.prop_cycle"].by_key()["color"][i]
+    # one colour per model, one marker per learning rate (circles: the study's 2e-3), dashed lines for the faster
+    families = list(dict.fromkeys(model.partition(", lr ")[0] for model in models))
+    rates = ["", *(faster["lr"] for faster in budget["faster"])]
+    for model in models:
+        family, _, lr = model.partition(", lr ")
+        color = plt.rcParams["axes.prop_cycle"].by_key()["color"][families.index(family)]
+        marker, line = "o^sD"[rates.index(lr)], "--" if lr else "-"
         runs = sorted((s for s in summaries if s["extra"]["model"] == model), key=lambda s: s["state_floats"])
         shown = next(s for s in runs if s["extra"]["default"])
         size = f" ({shown['extra']['size']})" if shown["extra"]["size"] != "—" else ""
-        by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], "o-", color=color,
-                      label=model + size)
+        by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], marker=marker,
+                      linestyle=line, color=color, label=model + size)
         series = [s for s in runs if s["extra"].get("series", True)]  # one shape each; the others: hollow dots
         others = [s for s in runs if s not in series]
-        by_state.plot([s["state_floats"] for s in series], [100 * s["accuracy"][hardest] for s in series], "o-",
-                      color=color, label=model)
+        if series:
+            by_state.plot([s["state_floats"] for s in series], [100 * s["accuracy"][hardest] for s in series],
+                          marker=marker, linestyle=line, color=color, label=model)
         if others:
-            by_state.plot([s["state_floats"] for s in others], [100 * s["accuracy"][hardest] for s in others], "o",
-                          markerfacecolor="none", color=color, label=f"{model}: other shapes and seeds")
+            by_state.plot([s["state_floats"] for s in others], [100 * s["accuracy"][hardest] for s in others],
+                          marker=marker, linestyle="none", markerfacecolor="none", color=color,
+                          label=f"{model}: other shapes and seeds" if series else model)
     by_state.axvline(summaries[0]["state_floats"] / 4, color="gray", linestyle=":",
                      label="a quarter of the Transformer's KV cache")
     by_pairs.plot(budget["pairs"], [100 / n for n in budget["pairs"]], "--", color="gray",
@@ -587,7 +641,8 @@ def plot_recall(summaries, budget, path):
         ax.set_ylim(0, 105)
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    by_pairs.legend(fontsize=8)
+    by_state.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside: the plot has no empty corner
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

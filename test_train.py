@@ -457,6 +457,24 @@ def test_improvement_rows_match_the_transformer_within_5_percent():
         assert abs(params - target) / target < 0.05, (row.name, params, target)
 
 
+def test_recall_page_names_the_smallest_state_past_each_bar_in_every_seed():
+    import experiments
+    budget = dict(experiments.RECALL_BUDGETS["quick"], pairs=[16], longer=[])
+
+    def run(model, state, shape, accuracy):
+        return {"extra": {"model": model, "size": shape, "shape": shape}, "state_floats": state, "params": 1,
+                "accuracy": {16: accuracy}, "longer": {}}
+    runs = [run("Transformer", 16384, "—", 1.0),
+            run("matrix", 1000, "2 x 8x8", 0.995), run("matrix", 1000, "2 x 8x8", 0.95),  # 99% in one seed of two
+            run("matrix", 2000, "2 x 8x16", 0.991), run("matrix", 2000, "2 x 8x16", 0.999),  # 99% in both
+            run("matrix", 3000, "1 x 16x16", 0.992)]  # larger, one seed
+    lines = experiments.recall_table(runs, budget, "quick", torch.device("cpu"), time.time())
+    assert "- matrix, 90%: 1,000 numbers (0.06 of the KV cache, 2 x 8x8) in both seeds" in lines
+    assert "- matrix, 99%: 2,000 numbers (0.12 of the KV cache, 2 x 8x16) in both seeds; 1,000 (0.06) in 1 of 2 " \
+           "seeds" in lines
+    assert "- Transformer, 99%: 16,384 numbers (1.00 of the KV cache) in its one seed" in lines
+
+
 def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_path, monkeypatch):
     import experiments
     monkeypatch.chdir(tmp_path)  # run_rows writes runs/experiments/ under the working folder
