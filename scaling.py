@@ -289,12 +289,15 @@ def plot_scaling(done, rows, path):
         losses.plot(tokens, mean, style, color=color, label=label)
         reference = by.get((axis, data, "Transformer"))
         if model != "Transformer" and reference:
-            gap = gap_curve(runs[0]["curve"], reference[0]["curve"])
-            gaps.plot([t / 1e6 for t, _ in gap], [g for _, g in gap], style, color=color, label=label)
+            for seed, (run, theirs) in enumerate(zip(runs, reference)):  # each seed against the same seed's
+                gap = gap_curve(run["curve"], theirs["curve"])
+                gaps.plot([t / 1e6 for t, _ in gap], [g for _, g in gap], style, color=color,
+                          label=label if seed == 0 else None, alpha=1.0 if seed == 0 else 0.55)
     gaps.axhline(0, color="gray", lw=1)
     losses.set_ylabel("validation loss (nats/char)")
     gaps.set_ylabel("gap to the Transformer (%): below 0 = attention-free lower")
-    for ax, title in ((losses, "validation loss as training grows"), (gaps, "the gap (first seed)")):
+    for ax, title in ((losses, "validation loss as training grows (mean over seeds)"),
+                      (gaps, "the gap, each seed against the same seed (paler: seed 2)")):
         ax.set_xlabel("training tokens (millions)")
         ax.set_title(title)
         ax.grid(alpha=0.3)
