@@ -456,8 +456,8 @@ def recall_rows(budget):
     common_model = ["--embed-dim", width, "--dropout", "0.0"]
     models = {
         "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", hidden],
-        "vector stack": vector_stack_flags(budget),
-        "hybrid (local window)": [*vector_stack_flags(budget), "--local-window", str(budget["window"]),
+        "vector stack": stack_flags(budget),
+        "hybrid (local window)": [*stack_flags(budget), "--local-window", str(budget["window"]),
                                   "--heads", "4"],
     }
     rows = [Row("Transformer", ["--arch", "transformer", *common_model, "--heads", "4", "--layers", "2",
@@ -473,23 +473,22 @@ def recall_rows(budget):
 def faster_recall_rows(budget, lr, sizes, matrices):
     """The vector stack and the context matrix again, trained at learning rate lr."""
     model = f"vector stack, lr {lr}"
-    rows = [vector_row(budget, model, vector_stack_flags(budget), size, name=f"{model}, context {size}")
-            for size in sizes]
+    rows = [vector_row(budget, model, stack_flags(budget), size) for size in sizes]
     default = next((m for m in matrices if m["width"] == budget["width"] and m["heads"] == budget["default_heads"]),
                    matrices[0])
     return rows + [matrix_row(budget, f"context matrix, lr {lr}", m, m["width"] == budget["width"], m == default)
                    for m in matrices]
 
 
-def vector_stack_flags(budget, mixer="vector"):
-    """The improvements study's best stack, two blocks."""
+def stack_flags(budget, mixer="vector"):
+    """The improvements study's best stack, two blocks, with either memory."""
     return ["--arch", "stack", "--embed-dim", str(budget["width"]), "--dropout", "0.0", "--layers", "2", "--gate",
             "--short-conv", "4", "--context-norm", "--no-pos-embed", "--hidden-dim", str(2 * budget["width"]),
             "--mixer", mixer]
 
 
-def vector_row(budget, model, flags, size, name=None):
-    return Row(name or f"{model}, context {size}", [*flags, "--context-dim", str(size)],
+def vector_row(budget, model, flags, size):
+    return Row(f"{model}, context {size}", [*flags, "--context-dim", str(size)],
                extra={"model": model, "size": f"{size}", "default": size == budget["default_size"]})
 
 
@@ -500,7 +499,7 @@ def matrix_row(budget, model, m, series, default):
     dk = m.get("key", dv)
     keys = ["--key-dim", str(dk)] if "key" in m else []
     shape = f" of {dv}x{dk}" if m["width"] != budget["width"] else ""
-    flags = [*vector_stack_flags(budget, "matrix"), "--context-dim", str(m["width"]), "--context-heads",
+    flags = [*stack_flags(budget, "matrix"), "--context-dim", str(m["width"]), "--context-heads",
              str(m["heads"]), *keys, "--seed", str(m["seed"])]
     return Row(f"{model}, {m['heads']} heads{shape}{seed}", flags,
                extra={"model": model, "size": f"{m['heads']} x {dv}x{dk}{seed}", "shape": f"{m['heads']} x {dv}x{dk}",
