@@ -421,7 +421,8 @@ def kept_rows(study):
 RECALL_BUDGETS = {
     # quick: sequences of 64 tokens holding 1-16 pairs, 1,500 steps of 32 sequences per model; afterwards the
     # models without a position table also answer longer sequences with more pairs than they were trained on
-    "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, width=64, sizes=[32, 64, 128, 256, 512],
+    "quick": dict(pairs=[1, 2, 4, 8, 16], block=64, vocab=64, steps=1500, lr="2e-3", width=64,
+                  sizes=[32, 64, 128, 256, 512],
                   default_size=64, matrix_heads=[16, 8, 4, 2, 1], default_heads=2, window=8,
                   longer=[(128, 24), (256, 31)],
                   # the default matrix again with a second seed; one a little narrower (2 x 30x30), whose
@@ -442,7 +443,7 @@ RECALL_BUDGETS = {
                                          *(dict(width=w, heads=2, key=32, seed=seed)
                                            for w in (16, 32, 48) for seed in (1337, 2, 3))])]),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
-    "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, width=128,
+    "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, lr="2e-3", width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
                  window=16, longer=[(512, 96), (1024, 127)], more_matrices=[dict(width=128, heads=4, seed=2)],
                  faster=[]),
@@ -534,7 +535,7 @@ def study_recall(args, device):
                 ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
                 str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", lr,
                 "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
-    summaries = run_rows("recall", args.budget, recall_rows(budget), common("2e-3"))
+    summaries = run_rows("recall", args.budget, recall_rows(budget), common(budget["lr"]))
     for faster in budget["faster"]:
         summaries += run_rows("recall", args.budget, faster_recall_rows(budget, **faster), common(faster["lr"]))
     for s in tqdm(summaries, desc="measuring recall", unit="model"):
@@ -557,7 +558,8 @@ def recall_table(summaries, budget, budget_name, device, started):
              header("recall", budget_name, device, "recall", started,
                     f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
                     f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
-                    "sequences at learning rate 2e-3 (or the rate in the model's name); accuracy on 512 fresh sequences per pair count (chance: 1 in "
+                    f"sequences at learning rate {budget['lr']} (or the rate in the model's name); accuracy on 512 "
+                    "fresh sequences per pair count (chance: 1 in "
                     f"{budget['vocab'] // 2}). The last columns ask longer sequences with more pairs than training "
                     "had, of the models without a position table."),
              "| model | context | state (numbers) | params | " + " | ".join(f"{n} pairs" for n in budget["pairs"])
@@ -605,7 +607,7 @@ def plot_recall(summaries, budget, path):
     fig, (by_pairs, by_state) = plt.subplots(1, 2, figsize=(16, 4.8))
     hardest = max(budget["pairs"])
     models = dict.fromkeys(s["extra"]["model"] for s in summaries)
-    # one colour per model, one marker per learning rate (circles: the study's 2e-3), dashed lines for the faster
+    # one colour per model, one marker per learning rate (circles: the budget's own), dashed lines for the faster
     families = list(dict.fromkeys(model.partition(", lr ")[0] for model in models))
     rates = ["", *(faster["lr"] for faster in budget["faster"])]
     for model in models:
