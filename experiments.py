@@ -65,15 +65,24 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
     def flags_of(row):
         return [*common_flags, *row.flags, "--out-dir", str(study_dir / slug(row.name)), "--sample-tokens", "0"]
 
+    def command_of(row):
+        return "python train.py " + " ".join(flags_of(row))
+
     def labels_of(row):
         return dict(name=row.name, note=row.note, group=row.group or row.name, extra=row.extra)
+
+    def trained_here(row):
+        """The summary of the row's run in study_dir, or None; a run with other flags (a row that depends on
+        earlier results, such as the hybrid, can change) does not count."""
+        summary_path = study_dir / slug(row.name) / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        return summary if summary and summary.get("command") == command_of(row) else None
 
     def finished(row):
         """The row's summary if it was trained already (here, or on another machine), else None;
         its numbers are kept, its labels come from today's rows."""
-        summary_path = study_dir / slug(row.name) / "summary.json"
-        if summary_path.exists():
-            return dict(json.loads(summary_path.read_text()), **labels_of(row))
+        if trained_here(row):
+            return dict(trained_here(row), **labels_of(row))
         if kept.get(row.name, {}).get("flags") == flags_of(row):
             return dict(kept[row.name], **labels_of(row))
         return None
@@ -87,10 +96,10 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         if done:
             summaries.append(done)
             continue
-        if (out / "last.pt").exists():
+        if (out / "last.pt").exists() and not (out / "summary.json").exists():
             how = ["--resume"]
-        else:
-            how = ["--overwrite"] if out.exists() else []  # --overwrite: a run that died before its first checkpoint
+        else:  # --overwrite: a run that died before its first checkpoint, or one trained with other flags
+            how = ["--overwrite"] if out.exists() else []
         tqdm.write(f"\n=== {row.name}: python train.py {' '.join(flags + how)}")
         try:
             summary = train.main(flags + how)
@@ -100,7 +109,7 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
             summary = {"best_val_loss": None, "diverged": str(error), "out_dir": str(out)}
         log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
             if (out / "log.jsonl").exists() else []
-        summary.update(labels_of(row), flags=flags, command="python train.py " + " ".join(flags),
+        summary.update(labels_of(row), flags=flags, command=command_of(row),
                        wall_s=log[-1]["time_s"] if log else 0.0,
                        best_val_acc=max((r["val_acc"] for r in log), default=None),
                        curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_loss", "val_loss")} for r in log])
@@ -166,17 +175,18 @@ def matched_hidden(flags, target, vocab_size):
 # study 1: the report's four improvements, added one at a time, then the context matrix
 
 IMPROVEMENT_SCALES = {
-    # quick: nanoGPT's CPU scale (~0.8M parameters); 10 rows on 2 cores in 25 minutes leave
-    # every row 400 steps of 32 x 128 characters (1.6M tokens).
+    # quick: nanoGPT's CPU scale (~0.8M parameters); every row 400 steps of 32 x 128 characters
+    # (1.6M tokens), 3 to 5 minutes on 2 cores. matrix_many_heads: the same matrix parameters as more,
+    # smaller heads (a smaller state).
     "quick": dict(common=["--block-size", "128", "--batch-size", "32", "--max-iters", "400", "--lr", "2e-3",
                           "--eval-interval", "100", "--eval-iters", "10", "--dropout", "0.1"],
                   transformer=["--embed-dim", "128", "--heads", "4", "--layers", "4"],
-                  width=128, stack_depth=4, window=16, matrix_heads=2),
+                  width=128, stack_depth=4, window=16, matrix_heads=2, matrix_many_heads=8),
     # full: nanoGPT's Shakespeare model (~10.7M parameters), 5,000 steps of 64 x 256 characters.
     "full": dict(common=["--block-size", "256", "--batch-size", "64", "--max-iters", "5000", "--lr", "1e-3",
                          "--eval-interval", "250", "--eval-iters", "20", "--dropout", "0.2"],
                  transformer=["--embed-dim", "384", "--heads", "6", "--layers", "6"],
-                 width=384, stack_depth=6, window=32, matrix_heads=6),
+                 width=384, stack_depth=6, window=32, matrix_heads=6, matrix_many_heads=24),
 }
 
 
@@ -190,6 +200,9 @@ def improvement_rows(scale, vocab_size):
     stack = ["--arch", "stack", "--embed-dim", width, "--context-dim", width, "--layers", depth, "--mixer", "vector",
              "--no-pos-embed", "--gate", "--context-norm", "--short-conv", "0"]
     conv = [*stack[:-1], "4"]
+    matrix = ["matrix" if flag == "vector" else flag for flag in conv]
+    few, many = scale["matrix_heads"], scale["matrix_many_heads"]
+    side = scale["width"] // many  # each of the many heads is side x side
     steps = [  # (row name, flags, what it adds), cumulative
         ("seed New-LLM", seed, "the report's model: one context, additive update, FNN of 8 layers"),
         ("+ context norm", [*seed, "--context-norm"], "LayerNorm on the context after every update"),
@@ -198,27 +211,28 @@ def improvement_rows(scale, vocab_size):
          f"{depth} residual blocks, one context each; gates read the input only, so the parallel scan trains it"),
         ("+ short conv", conv, "each context reads the last 4 inputs (token shift)"),
         ("+ timescales", [*conv, "--timescales"], "per-channel gate floors: fast and slow memories"),
-        ("context matrix", [*("matrix" if flag == "vector" else flag for flag in conv),
-                            "--context-heads", str(scale["matrix_heads"])],
-         f"the short-conv stack with {scale['matrix_heads']} delta-rule context matrices per block in place of its vector"),
+        ("context matrix", [*matrix, "--context-heads", str(few)],
+         f"the short-conv stack with {few} delta-rule context matrices per block in place of its vector"),
+        (f"context matrix, {many} heads", [*matrix, "--context-heads", str(many)],
+         f"the same with {many} smaller matrices ({side}x{side}) per block: the same parameters, "
+         f"{many // few} times less state"),
     ]
     rows = [Row("Transformer", transformer, "GPT-style decoder, the baseline", group="Transformer")]
     for name, flags, note in steps:
         matched = matched_hidden([*scale["common"], *flags], target, vocab_size)[len(scale["common"]):]
         mixer = flags[flags.index("--mixer") + 1] if "--mixer" in flags else None
-        rows.append(Row(name, matched, note, group="context matrix" if mixer == "matrix" else name,
-                        extra={"mixer": mixer}))
+        rows.append(Row(name, matched, note, group=name, extra={"mixer": mixer}))
     return rows, target
 
 
 def follow_up_rows(scale, summaries, rows, target, vocab_size):
     """Rows that depend on the results: the hybrid on top of the best attention-free row, and second seeds
-    of the Transformer, the best vector stack and the context matrix."""
+    of the Transformer, the best vector stack and the context matrices."""
     stacks = [(s, r) for s, r in zip(summaries, rows) if r.extra.get("mixer")]
     best_summary, best = min(stacks, key=lambda pair: pair[0]["best_val_loss"])
     _, best_vector = min(((s, r) for s, r in stacks if r.extra["mixer"] == "vector"),
                          key=lambda pair: pair[0]["best_val_loss"])
-    matrix = next(r for r in rows if r.extra.get("mixer") == "matrix")
+    matrices = [r for r in rows if r.extra.get("mixer") == "matrix"]
     base = best.flags[: best.flags.index("--hidden-dim")]
     hybrid = matched_hidden([*scale["common"], *base, "--local-window", str(scale["window"]), "--heads", "4"],
                             target, vocab_size)[len(scale["common"]):]
@@ -229,7 +243,7 @@ def follow_up_rows(scale, summaries, rows, target, vocab_size):
         Row("Transformer (seed 2)", [*rows[0].flags, "--seed", "2"], "", group="Transformer"),
         Row(f"{best_vector.name} (seed 2)", [*best_vector.flags, "--seed", "2"], "the best vector stack, second seed",
             group=best_vector.group),
-        Row("context matrix (seed 2)", [*matrix.flags, "--seed", "2"], "", group="context matrix"),
+        *(Row(f"{matrix.name} (seed 2)", [*matrix.flags, "--seed", "2"], "", group=matrix.group) for matrix in matrices),
     ], best_vector.group
 
 
@@ -258,9 +272,9 @@ def study_improvements(args, device):
         lines.append(f"| {s['name']} | {s['params']:,} | {s['best_val_loss']:.4f} | {gap:+.1f}% | "
                      f"{s['tokens_per_s']:,.0f} | {s['wall_s'] / 60:.1f} min | {s['note']} |")
     lines.append("\nThe gap is to the mean of the two Transformer seeds. The best vector stack and the context "
-                 "matrix are trained again with a second seed; the hybrid is built on the best attention-free row.\n")
+                 "matrices are trained again with a second seed; the hybrid is built on the best attention-free row.\n")
     lines.append("Seeds (mean ± half-range over seeds 1337 and 2):\n")
-    for group in ("Transformer", best_vector, "context matrix"):
+    for group in ("Transformer", best_vector, *(r.group for r in rows if r.extra.get("mixer") == "matrix")):
         mean, spread = mean_spread(by_group[group])
         gap = "" if group == "Transformer" else f" ({100 * (mean - reference) / reference:+.1f}% vs the Transformer)"
         lines.append(f"- {group}: {mean:.4f} ± {spread:.4f}{gap}")

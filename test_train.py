@@ -451,7 +451,8 @@ def test_improvement_rows_match_the_transformer_within_5_percent():
     import experiments
     scale = experiments.IMPROVEMENT_SCALES["quick"]
     rows, target = experiments.improvement_rows(scale, vocab_size=65)
-    assert rows[0].name == "Transformer" and len(rows) == 8 and rows[-1].extra["mixer"] == "matrix"
+    assert rows[0].name == "Transformer" and len(rows) == 9
+    assert [row.extra["mixer"] for row in rows[-2:]] == ["matrix", "matrix"]  # few large heads, many small ones
     for row in rows[1:]:
         params = experiments.count_for([*scale["common"], *row.flags], 65)
         assert abs(params - target) / target < 0.05, (row.name, params, target)
@@ -492,10 +493,16 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     assert written == [["new row", "tiny row"]]
     monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     assert experiments.run_rows(name, "quick", rows, common) == first
+    # a row whose flags changed since its run (the hybrid follows the best row) is trained again, from scratch
+    changed = [experiments.Row("tiny row", ["--arch", "newllm", *TINY, "--lr", "3e-3"])]
+    calls = []
+    monkeypatch.setattr(train, "main", lambda flags: calls.append(flags) or {"best_val_loss": 1.0})
+    experiments.run_rows(name, "quick", changed, common)
+    assert len(calls) == 1 and calls[0][-1] == "--overwrite" and "3e-3" in calls[0]
+    monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     # on another machine (no runs/ folder), the summaries committed in results/ stand for the finished rows
     shutil.rmtree(tmp_path / "runs")
     assert experiments.run_rows(name, "quick", rows, common, kept=first) == first
-    changed = [experiments.Row("tiny row", ["--arch", "newllm", *TINY, "--lr", "3e-3"])]
     with pytest.raises(pytest.fail.Exception):  # other flags: the kept numbers do not stand for this row
         experiments.run_rows(name, "quick", changed, common, kept=first)
 
