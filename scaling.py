@@ -265,8 +265,10 @@ def scaling_readings(done, rows):
             ref_mean, _ = mean_spread([s["best_val_loss"] for s in reference])
             gap = f", {100 * (mean - ref_mean) / ref_mean:+.1f}% vs the Transformer"
             cross = [crossing(gap_curve(a["curve"], t["curve"])) for a, t in zip(runs, reference)]
-            gap += "; the validation curves " + ("never cross" if not any(cross) else "cross at " + ", ".join(
-                f"{c / 1e6:.1f}M tokens" if c else "never" for c in cross))
+            gap += "; the validation curves (each against the same seed's Transformer) " + (
+                "never cross" if not any(cross) else "cross " + ", ".join(
+                    (f"at {c / 1e6:.1f}M tokens" if c else "never") + f" in seed {a['extra']['seed']}"
+                    for c, a in zip(cross, runs)))
         label = "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
         lines.append(f"- {axis} axis, {label}, {model}: best val loss {mean:.4f} ± {spread:.4f} ({len(runs)}){gap}")
     return lines

@@ -507,6 +507,26 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
         experiments.run_rows(name, "quick", changed, common, kept=first)
 
 
+def test_scaling_readings_say_where_each_seed_crosses_its_own_transformer():
+    import experiments
+    import scaling
+
+    def row(model, seed):
+        return experiments.Row(f"{model} {seed}", [], extra=dict(model=model, axis="length", data="shakespeare",
+                                                                  seed=seed))
+
+    def run(losses):
+        return {"best_val_loss": min(losses),
+                "curve": [{"tokens": (i + 1) * 10**6, "val_loss": loss} for i, loss in enumerate(losses)]}
+    rows = [row(model, seed) for seed in (1337, 2) for model in ("Transformer", "context matrix")]
+    losses = {"Transformer 1337": [3.0, 2.0, 1.0], "context matrix 1337": [2.0, 1.5, 1.2],  # -25% then +20%
+              "Transformer 2": [3.0, 2.0, 1.0], "context matrix 2": [2.0, 1.5, 0.9]}  # below throughout
+    done = {row.name: dict(run(losses[row.name]), extra=row.extra) for row in rows}  # as run_rows labels them
+    line = next(line for line in scaling.scaling_readings(done, rows) if "context matrix" in line)
+    assert line.endswith("cross at 2.6M tokens in seed 1337, never in seed 2")
+    assert "best val loss 1.0500 ± 0.1500 (2), +5.0% vs the Transformer" in line
+
+
 def test_a_sweep_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch):
     import experiments
     monkeypatch.chdir(tmp_path)
