@@ -208,7 +208,7 @@ def gap_curve(attention_free, transformer):
 
 
 def crossing(gaps):
-    """Tokens where the gap first changes sign (the curves cross), or None."""
+    """Tokens where the gap first changes sign (the curves cross), interpolated between evaluations, or None."""
     for (t0, g0), (t1, g1) in zip(gaps, gaps[1:]):
         if g0 * g1 < 0:
             return t0 + (t1 - t0) * g0 / (g0 - g1)
@@ -267,7 +267,7 @@ def scaling_readings(done, rows):
             cross = [crossing(gap_curve(a["curve"], t["curve"])) for a, t in zip(runs, reference)]
             gap += "; the validation curves (each against the same seed's Transformer) " + (
                 "never cross" if not any(cross) else "cross " + ", ".join(
-                    (f"at {c / 1e6:.1f}M tokens" if c else "never") + f" in seed {a['extra']['seed']}"
+                    (f"near {c / 1e6:.1f}M tokens" if c else "never") + f" in seed {a['extra']['seed']}"
                     for c, a in zip(cross, runs)))
         label = "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
         lines.append(f"- {axis} axis, {label}, {model}: best val loss {mean:.4f} ± {spread:.4f} ({len(runs)}){gap}")
