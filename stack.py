@@ -49,7 +49,10 @@ The memory, chosen by --mixer:
           nh * dv * dk numbers per block, whatever the length of the text. How many facts
           it can hold apart depends most on the keys' width dk (that many directions are
           orthogonal), so --key-dim can give the keys more room than the values, which only
-          carry the answer; results/recall.md shows where that stops helping.
+          carry the answer; results/recall.md shows where that stops helping. The same
+          parameters split into more, smaller heads go the other way: less recall, but more
+          write strengths and keep gates, and a slightly lower loss on text
+          (results/improvements.md, 8 heads against 2).
   --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
           positions. The one variant with attention; its state is bounded by w, not by T.
 
