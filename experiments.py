@@ -81,8 +81,8 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
     def finished(row):
         """The row's summary if it was trained already (here, or on another machine), else None;
         its numbers are kept, its labels come from today's rows."""
-        if trained_here(row):
-            return dict(trained_here(row), **labels_of(row))
+        if here := trained_here(row):
+            return dict(here, **labels_of(row))
         if kept.get(row.name, {}).get("flags") == flags_of(row):
             return dict(kept[row.name], **labels_of(row))
         return None
