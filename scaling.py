@@ -19,11 +19,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+import torch
 
+from checkpoint import load_checkpoint
 from cli import UserError
 from data import load_dataset
 from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, improvement_rows, kept_rows, mean_spread, run_rows,
                          write_results)
+from models import model_from_checkpoint
 
 # The models compared, by the improvements study's row that defines each (same flags, same parameters).
 COMPARED = {"Transformer": "Transformer", "seed New-LLM": "seed New-LLM", "vector stack": "+ short conv",
@@ -235,11 +238,14 @@ def write_scaling(summaries, rows, best_lr, large_target, device, started, secon
                      f"{best['tokens'] / 1e6:.1f}M | {s['curve'][-1]['val_loss']:.4f} | "
                      f"{s['curve'][-1]['train_loss']:.4f} | {s['wall_s'] / 60:.0f} min |")
     lines += scaling_readings(done, rows)
+    noise = evaluation_noise(done, rows, device) or committed_noise()
+    lines += noise_readings(noise)
     figure = RESULTS / "scaling.png"
     plot_scaling(done, rows, figure)
     lines.append("\n![scaling](scaling.png)\n")
     write_results("scaling", "\n".join(lines) + "\n", {"started": started, "best_lr": best_lr,
-                                                       "large_target_params": large_target, "rows": summaries},
+                                                       "large_target_params": large_target, "rows": summaries,
+                                                       "evaluation_noise": noise},
                   [figure])
 
 
@@ -271,6 +277,60 @@ def scaling_readings(done, rows):
                     for c, a in zip(cross, runs)))
         label = "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
         lines.append(f"- {axis} axis, {label}, {model}: best val loss {mean:.4f} ± {spread:.4f} ({len(runs)}){gap}")
+    return lines
+
+
+def evaluation_noise(done, rows, device, data="shakespeare"):
+    """How large a gap the choice of validation batches alone could make. For each seed of the length axis on
+    Tiny Shakespeare: every model's best checkpoint, batch by batch on that seed's fixed validation batches,
+    read as a sample. Returns the standard error of the Transformer's mean loss and of each attention-free
+    model's mean difference from it (both on the same batches), beside that difference; [] without the
+    run folders (a checkout holding only results/)."""
+    by, noise = groups(done, rows), []
+    for model in SCALING["length"]["models"][1:]:
+        for run, theirs in zip(by.get(("length", data, model), []), by.get(("length", data, "Transformer"), [])):
+            paths = [Path(r["out_dir"]) / "ckpt.pt" for r in (theirs, run)]
+            if not all(path.is_file() for path in paths):
+                continue
+            reference, attention_free = (batch_losses(path, r, device) for path, r in zip(paths, (theirs, run)))
+            difference = attention_free - reference
+            noise.append({"model": model, "seed": run["extra"]["seed"], "batches": len(reference),
+                          "transformer_se": standard_error(reference), "difference_se": standard_error(difference),
+                          "difference": difference.mean().item()})
+    return noise
+
+
+def batch_losses(path, run, device):
+    """A checkpoint's validation loss on each of the fixed batches its run was evaluated on (train.py's)."""
+    flags = run["flags"]
+    setting = lambda name: flags[len(flags) - flags[::-1].index(name)]  # noqa: E731  a flag's last value, as argparse
+    model = model_from_checkpoint(load_checkpoint(path, map_location=device)).to(device).eval()
+    dataset = load_dataset(setting("--data"), "char", block_size=int(setting("--block-size")),
+                           seed=int(setting("--seed")))
+    batches = dataset.eval_batches("val", int(setting("--batch-size")), int(setting("--eval-iters")))
+    with torch.no_grad():
+        return torch.tensor([model(x.to(device), y.to(device))[1].item() for x, y in batches])
+
+
+def standard_error(values):
+    return (values.std() / len(values) ** 0.5).item()
+
+
+def committed_noise():
+    """The noise measured when the run folders were last at hand (results/scaling.json), if any."""
+    path = RESULTS / "scaling.json"
+    return json.loads(path.read_text()).get("evaluation_noise", []) if path.is_file() else []
+
+
+def noise_readings(noise):
+    if not noise:
+        return []
+    lines = ["\nHow much the choice of validation batches could move a gap: each model's best checkpoint, "
+             "batch by batch on its seed's fixed batches, read as a sample (standard errors):\n"]
+    for n in noise:
+        lines.append(f"- seed {n['seed']}, {n['model']}: the Transformer's mean loss ± {n['transformer_se']:.4f}; "
+                     f"the {n['model']}'s difference from it {n['difference']:+.4f} ± {n['difference_se']:.4f} "
+                     f"({n['batches']} batches)")
     return lines
 
 

@@ -527,6 +527,28 @@ def test_scaling_readings_say_where_each_seed_crosses_its_own_transformer():
     assert "best val loss 1.0500 ± 0.1500 (2), +5.0% vs the Transformer" in line
 
 
+def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
+    """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
+    difference is the gap the study reports, with a standard error beside it."""
+    import experiments
+    import scaling
+    monkeypatch.chdir(tmp_path)
+    small = ["--embed-dim", "16", "--layers", "2", "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
+             "--seed", "3", "--no-progress"]
+    rows = [experiments.Row(model, [*flags, *small, "--eval-iters", "5"],  # the last of a repeated flag counts
+                            extra=dict(model=model, axis="length", data=str(corpus), seed=3))
+            for model, flags in (("Transformer", ["--arch", "transformer", "--heads", "2"]),
+                                 ("vector stack", ["--arch", "stack", "--context-dim", "16"]))]
+    summaries = experiments.run_rows("noise", "quick", rows, ["--data", str(corpus), "--max-iters", "4"])
+    done = {s["name"]: s for s in summaries}
+    [noise] = scaling.evaluation_noise(done, rows, torch.device("cpu"), data=str(corpus))
+    recorded = done["vector stack"]["best_val_loss"] - done["Transformer"]["best_val_loss"]
+    assert noise["batches"] == 5 and noise["difference"] == pytest.approx(recorded, abs=1e-5)
+    assert 0 < noise["difference_se"] < 1 and 0 < noise["transformer_se"] < 1
+    shutil.rmtree(done["vector stack"]["out_dir"])  # results/ without the run folders: nothing to measure
+    assert scaling.evaluation_noise(done, rows, torch.device("cpu"), data=str(corpus)) == []
+
+
 def test_a_sweep_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch):
     import experiments
     monkeypatch.chdir(tmp_path)
