@@ -33,13 +33,16 @@ COMPARED = {"Transformer": "Transformer", "seed New-LLM": "seed New-LLM", "vecto
             "context matrix": "context matrix"}
 SWEEP_RATES = {"quick": [1e-3, 2e-3, 4e-3], "full": [5e-4, 1e-3, 2e-3]}
 MOST_RATES = 6  # a model's grid grows past an edge at most this far
+SECOND_SEED = 2  # after the sweep, the best rates again with this seed
 
 
-def compared_models(scale, vocab_size):
-    """name -> train.py flags of each compared model, parameters matched to the scale's Transformer."""
+def compared_models(scale, vocab_size, also=()):
+    """name -> train.py flags of each compared model (and of the improvements rows named in `also`),
+    parameters matched to the scale's Transformer."""
     rows, target = improvement_rows(scale, vocab_size)
     by_name = {row.name: row for row in rows}
-    return {name: by_name[row].flags for name, row in COMPARED.items()}, target
+    return {**{name: by_name[row].flags for name, row in COMPARED.items()},
+            **{name: by_name[name].flags for name in also}}, target
 
 
 # -----------------------------------------------------------------------------
@@ -49,7 +52,9 @@ def compared_models(scale, vocab_size):
 def study_lr_sweep(args, device):
     scale = IMPROVEMENT_SCALES[args.budget]
     dataset = load_dataset(args.data, "char", block_size=int(scale["common"][1]))
-    models, target = compared_models(scale, dataset.tokenizer.vocab_size)
+    many_heads = f"context matrix, {scale['matrix_many_heads']} heads"
+    models, target = compared_models(scale, dataset.tokenizer.vocab_size, also=[many_heads])
+    many_heads_flags = models.pop(many_heads)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
     kept, started = kept_rows("lr-sweep")
@@ -72,23 +77,40 @@ def study_lr_sweep(args, device):
                 widened = True
         if not widened:
             break
-    write(summaries)
+    rows += second_seed_rows(models, best_rates(summaries), many_heads, many_heads_flags)
+    write(run_rows("lr-sweep", args.budget, rows, common, kept, write))
+
+
+def second_seed_rows(models, best, many_heads, many_heads_flags):
+    """After the sweep, at each model's best rate: the models compared later (all but the report's) with a
+    second seed, and the context matrix's parameters as more, smaller heads (at the matrix's rate, not swept
+    for it), both seeds. Their extra carries the seed, which keeps them out of the grid and its best rates."""
+    def row(name, flags, lr, seed):
+        return Row(f"{name}, lr {lr:g}, seed {seed}", [*flags, "--lr", f"{lr:g}", "--seed", str(seed)],
+                   group=name, extra={"model": name, "lr": lr, "seed": seed})
+    rows = [row(name, models[name], best[name], SECOND_SEED) for name in ("Transformer", "vector stack", "context matrix")]
+    return rows + [row(many_heads, many_heads_flags, best["context matrix"], seed) for seed in (1337, SECOND_SEED)]
 
 
 def best_rates(summaries):
-    """model -> the learning rate with the lowest best validation loss (diverged runs never win)."""
+    """model -> the learning rate with the lowest best validation loss (diverged runs never win), over the
+    grid's runs (one seed; second_seed_rows' runs are not part of it)."""
     best = {}
-    for s in summaries:
+    for s in swept(summaries):
         model, loss = s["extra"]["model"], s["best_val_loss"]
         if loss is not None and (model not in best or loss < best[model][1]):
             best[model] = (s["extra"]["lr"], loss)
     return {model: lr for model, (lr, _) in best.items()}
 
 
+def swept(summaries):
+    return [s for s in summaries if "seed" not in s["extra"]]
+
+
 def write_sweep(summaries, grid, args, device, target, started):
     best = best_rates(summaries)
     rates = sorted({lr for lrs in grid.values() for lr in lrs})
-    cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in summaries}
+    cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in swept(summaries)}
     lines = ["# Each model at its own best learning rate\n",
              header("lr-sweep", args.budget, device, args.data, started,
                     f"Every run: the improvements study's settings ({max(s.get('tokens', 0) for s in summaries):,} training "
@@ -112,6 +134,7 @@ def write_sweep(summaries, grid, args, device, target, started):
                  " (a 4x span); a model whose best rate sits at an edge is also run one step (2x) beyond it, "
                  "so every best rate printed here has a worse rate on both sides unless the grid's limit "
                  f"of {MOST_RATES} rates was reached. One seed per cell (1337).\n")
+    lines += second_seed_table(summaries, cell, best)
     lines.append("![sweep](lr-sweep.png)\n")
     figure = RESULTS / "lr-sweep.png"
     RESULTS.mkdir(exist_ok=True)
@@ -137,6 +160,29 @@ def write_sweep(summaries, grid, args, device, target, started):
     plt.close(fig)
     write_results("lr-sweep", "\n".join(lines) + "\n", {"budget": args.budget, "started": started,
                                                         "best_lr": best, "rows": summaries}, [figure])
+
+
+def second_seed_table(summaries, cell, best):
+    """Each model at its best rate in both seeds, with the mean and half-range (second_seed_rows)."""
+    seeds = {}  # model -> {seed: summary}
+    for s in summaries:
+        if "seed" in s["extra"]:
+            seeds.setdefault(s["extra"]["model"], {})[s["extra"]["seed"]] = s
+    if not seeds:
+        return []
+    lines = ["At each model's best rate, a second seed; the context matrix's parameters as more, smaller heads "
+             "run at the 2-head matrix's best rate (not swept for it):\n",
+             "| model | lr | seed 1337 | seed 2 | mean ± half-range |", "|---|---|---|---|---|"]
+    for model, by_seed in seeds.items():
+        lr = next(iter(by_seed.values()))["extra"]["lr"]
+        if best.get(model) == lr and 1337 not in by_seed and (model, lr) in cell:
+            by_seed[1337] = cell[(model, lr)]  # the grid's own run at that rate
+        losses = [by_seed[seed]["best_val_loss"] if seed in by_seed else None for seed in (1337, SECOND_SEED)]
+        finished = [loss for loss in losses if loss is not None]
+        mean = "{:.4f} ± {:.4f}".format(*mean_spread(finished)) if len(finished) == 2 else "—"
+        lines.append(f"| {model} | {lr:g} | " + " | ".join("—" if loss is None else f"{loss:.4f}" for loss in losses)
+                     + f" | {mean} |")
+    return lines + [""]
 
 
 def tuned_rates():

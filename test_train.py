@@ -527,6 +527,23 @@ def test_scaling_readings_say_where_each_seed_crosses_its_own_transformer():
     assert "best val loss 1.0500 ± 0.1500 (2), +5.0% vs the Transformer" in line
 
 
+def test_lr_sweep_second_seeds_stay_out_of_the_grid_and_pair_with_its_best_rate():
+    import scaling
+
+    def run(model, lr, loss, **seed):
+        return {"best_val_loss": loss, "extra": dict(model=model, lr=lr, **seed)}
+    summaries = [run("vector stack", 1e-3, 2.0), run("vector stack", 2e-3, 1.9),
+                 run("vector stack", 1e-3, 1.7, seed=2),  # a lucky second seed at another rate: not a grid cell
+                 run("vector stack", 2e-3, 1.8, seed=2), run("8 heads", 2e-3, 1.85, seed=1337)]
+    best = scaling.best_rates(summaries)
+    assert best == {"vector stack": 2e-3}
+    cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in scaling.swept(summaries)}
+    assert cell[("vector stack", 1e-3)]["best_val_loss"] == 2.0
+    table = scaling.second_seed_table([summaries[3], summaries[4]], cell, best)
+    assert "| vector stack | 0.002 | 1.9000 | 1.8000 | 1.8500 ± 0.0500 |" in table  # seed 1337 from the grid
+    assert "| 8 heads | 0.002 | 1.8500 | — | — |" in table
+
+
 def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
     """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
     difference is the gap the study reports, with a standard error beside it."""
