@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
+import train
 from checkpoint import load_checkpoint
 from cli import UserError
 from data import load_dataset
@@ -348,12 +349,10 @@ def evaluation_noise(done, rows, device, data="shakespeare"):
 
 def batch_losses(path, run, device):
     """A checkpoint's validation loss on each of the fixed batches its run was evaluated on (train.py's)."""
-    flags = run["flags"]
-    setting = lambda name: flags[len(flags) - flags[::-1].index(name)]  # noqa: E731  a flag's last value, as argparse
+    args = train.parse_args(run["flags"])  # the run's settings, read as train.py read them
     model = model_from_checkpoint(load_checkpoint(path, map_location=device)).to(device).eval()
-    dataset = load_dataset(setting("--data"), "char", block_size=int(setting("--block-size")),
-                           seed=int(setting("--seed")))
-    batches = dataset.eval_batches("val", int(setting("--batch-size")), int(setting("--eval-iters")))
+    dataset = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences, args.seed)
+    batches = dataset.eval_batches("val", args.batch_size, args.eval_iters)
     with torch.no_grad():
         return torch.tensor([model(x.to(device), y.to(device))[1].item() for x, y in batches])
 
