@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from delta_rule import delta_rule_chunked, delta_rule_loop, delta_rule_step
+from delta_rule import UnitLowerInverse, delta_rule_chunked, delta_rule_loop, delta_rule_step
 
 
 def make_inputs(B=2, H=3, T=37, dk=8, dv=6, gated=True, dtype=torch.float64):
@@ -100,3 +100,17 @@ def test_step_equals_chunked():
         outs.append(o)
     o_chunked = delta_rule_chunked(q, k, v, beta, log_alpha, chunk=16)
     assert rel_err(torch.stack(outs, dim=2), o_chunked) <= 1e-10
+
+
+def test_unit_lower_inverse_and_its_gradient():
+    """UnitLowerInverse gives (I + A)^{-1} from A's strictly lower part, and its written-out gradient is autograd's."""
+    torch.manual_seed(0)
+    A = (0.3 * torch.randn(2, 5, 5, dtype=torch.float64)).tril(-1).requires_grad_()
+    M = UnitLowerInverse.apply(A)
+    assert torch.allclose(M, torch.linalg.inv(torch.eye(5, dtype=torch.float64) + A), atol=1e-12)
+    # the upper part and the diagonal are ignored, and get no gradient
+    noisy = (A.detach() + torch.randn(2, 5, 5, dtype=torch.float64).triu()).requires_grad_()
+    assert torch.allclose(UnitLowerInverse.apply(noisy), M)
+    assert torch.autograd.gradcheck(lambda a: UnitLowerInverse.apply(a.tril(-1)), (noisy,))
+    UnitLowerInverse.apply(noisy).sum().backward()
+    assert noisy.grad.triu().abs().max() == 0
