@@ -97,14 +97,16 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 
 def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
-    """name -> {length: median training tokens/s over `rounds` rounds}. The models take turns, so a slow
-    minute on a shared machine hits them all alike. forwards: name -> what to call instead of the model."""
+    """name -> {length: median training tokens/s over `rounds` rounds}. At each length the models take
+    turns, seconds apart, so a slow minute on a shared machine hits the models being compared alike.
+    forwards: name -> what to call instead of the model."""
     measured = {name: {n: [] for n in lengths[name]} for name in models}
     for _ in range(rounds):
-        for name, (model, _) in models.items():
-            for n in lengths[name]:
-                forward = forwards[name] if forwards else None
-                measured[name][n].append(train_throughput(model, n, tokens, device, repeats, forward))
+        for n in sorted({n for name in models for n in lengths[name]}):
+            for name, (model, _) in models.items():
+                if n in lengths[name]:
+                    forward = forwards[name] if forwards else None
+                    measured[name][n].append(train_throughput(model, n, tokens, device, repeats, forward))
     return {name: {n: statistics.median(runs) for n, runs in by_length.items()} for name, by_length in measured.items()}
 
 
