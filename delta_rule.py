@@ -63,27 +63,6 @@ def delta_rule_loop(q, k, v, beta, log_alpha=None):
     return torch.stack(outs, dim=2)                                 # (B, nh, T, dv)
 
 
-class UnitLowerInverse(torch.autograd.Function):
-    """M = (I + A)^{-1} for a strictly lower triangular A (batched), with its gradient written out.
-
-    Forming M once and multiplying by it is cheaper here than solving with it: this machine's triangular
-    solve runs at a fraction of a batched product's speed, and autograd's backward of a solve solves again.
-    With M explicit the backward is two products: from dM = -M dA M,  dL/dA = -(M^T G M^T), strictly lower.
-    """
-
-    @staticmethod
-    def forward(ctx, A):
-        eye = torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)
-        M = torch.linalg.solve_triangular(eye + A, eye.expand(A.shape), upper=False, unitriangular=True)
-        ctx.save_for_backward(M)
-        return M
-
-    @staticmethod
-    def backward(ctx, grad_M):
-        M, = ctx.saved_tensors
-        return -(M.mT @ grad_M @ M.mT).tril(-1)
-
-
 @torch.compiler.disable  # as scan.parallel_scan: torch.compile would unroll the loop over chunks
 def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
     """The same result as delta_rule_loop, a chunk of positions at a time.
@@ -97,7 +76,7 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
     With M = (I + A)^{-1} (the inverse of a unit lower-triangular matrix; rows of K, V, U, W, O are positions):
         W = M diag(beta gamma) K,   U0 = M diag(beta) V                     all chunks at once
         U = U0 - W S_0^T,   S_end = gamma_Q S_0 + U^T D K,   D = diag(exp(g_Q - g))   chunk after chunk
-        O = diag(gamma) Q S_0^T + ((Q K^T) * causal mask (i <= t) * exp(g_t - g_i)) U   all chunks at once
+        O = diag(gamma) Q S_0^T + P U,   P = (Q K^T) * causal mask (i <= t) * exp(g_t - g_i)   all chunks at once
     Only the middle line needs the previous chunk's state: a loop of two small products per chunk.
     """
     out_dtype = v.dtype
@@ -105,9 +84,26 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
         q, k, v, beta, log_alpha = _upcast(q, k, v, beta, log_alpha)
         if log_alpha is None:
             log_alpha = torch.zeros_like(beta)                      # no gate: alpha = 1
+        o = ChunkedDeltaRule.apply(q, k, v, beta, log_alpha, min(chunk, k.shape[2]))
+    return o.to(out_dtype)
+
+
+def flat(x):
+    """(..., m, p) -> (batch, m, p): the 3-d shape baddbmm takes."""
+    return x.reshape(-1, *x.shape[-2:])
+
+
+class ChunkedDeltaRule(torch.autograd.Function):
+    """delta_rule_chunked's computation (q, k, v, beta, log_alpha, Q -> o), with its backward pass written
+    out. Autograd would record some forty steps and keep every intermediate; here the forward pass keeps
+    what the gradient needs, and the backward pass is the chain rule through the docstring's three lines,
+    in reverse (the loop over chunks runs last chunk first). test_delta_rule.py checks it against autograd
+    on delta_rule_loop. Shapes: chunked tensors are (B, nh, n, Q, ...), S_0 per chunk (B, nh, n, dv, dk)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_alpha, Q):
         B, nh, T, dk = k.shape
         dv = v.shape[-1]
-        Q = min(chunk, T)
         n = -(-T // Q)  # ceil(T / Q)
         # Zero padding is harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last.
         pad = n * Q - T
@@ -118,31 +114,89 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
         q, k, v = (x.reshape(B, nh, n, Q, -1).contiguous() for x in (q, k, v))  # (B, nh, n, Q, dk or dv)
         beta, log_alpha = (x.reshape(B, nh, n, Q) for x in (beta, log_alpha))  # (B, nh, n, Q)
 
-        g = log_alpha.cumsum(-1)                                    # (B, nh, n, Q) log of decay since chunk start
-        gamma = g.exp()                                             # (B, nh, n, Q) gamma_t = exp(g_t) <= 1
+        g = log_alpha.cumsum(-1)                                    # log of the decay since the chunk's start
+        gamma = g.exp()                                             # gamma_t = exp(g_t) <= 1
         causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()  # (Q, Q) i <= t
-        diff = g[..., :, None] - g[..., None, :]                    # (B, nh, n, Q, Q) g_t - g_i
-        decay = diff.masked_fill(~causal, float("-inf")).exp()      # (B, nh, n, Q, Q) mask BEFORE exp: only exp(<= 0)
+        decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (.., Q, Q)
+        # mask BEFORE exp: only exp(<= 0), never an overflow
+        decayed_gram = (k @ k.mT).mul_(decay)                       # (.., Q, Q) exp(g_t - g_i) (k_t . k_i)
+        eye = torch.eye(Q, dtype=q.dtype, device=q.device)
+        lower = (beta[..., None] * decayed_gram).tril_(-1).add_(eye)  # I + A
+        M = torch.linalg.solve_triangular(lower, eye.expand(lower.shape), upper=False, unitriangular=True)
+        # formed once: two products with M cost less than two triangular solves on this machine's CPU
+        scaled_k, scaled_v = (beta * gamma)[..., None] * k, beta[..., None] * v
+        W, U0 = M @ scaled_k, M @ scaled_v                          # (.., Q, dk), (.., Q, dv)
+        to_end = (g[..., -1:] - g).exp()                            # exp(g_Q - g_t): the diagonal of D
+        decayed_k = to_end[..., None] * k                           # D K
 
-        # Within each chunk, all chunks at once.
-        A = (beta[..., None] * decay * (k @ k.mT)).tril(-1)         # (B, nh, n, Q, Q) strictly lower triangular
-        M = UnitLowerInverse.apply(A)                               # (B, nh, n, Q, Q) (I + A)^{-1}
-        W = M @ ((beta * gamma)[..., None] * k)                     # (B, nh, n, Q, dk)
-        U0 = M @ (beta[..., None] * v)                              # (B, nh, n, Q, dv)
-        decayed_k = (g[..., -1:] - g).exp()[..., None] * k          # (B, nh, n, Q, dk) D K, exponent <= 0
-
-        # Across chunks: the state each chunk starts from, and the values it actually writes. unbind, not
-        # indexing: its backward is one stack, where n index steps would each fill a whole zero tensor.
+        # Across chunks. unbind, then one stack: n index steps would each cost a whole tensor in the backward.
         S = q.new_zeros(B, nh, dv, dk)
         starts, writes = [], []
         for W_c, U0_c, k_c, last_c in zip(W.unbind(2), U0.unbind(2), decayed_k.unbind(2), gamma[..., -1].unbind(2)):
             starts.append(S)
-            writes.append(U0_c - W_c @ S.mT)                        # (B, nh, Q, dv) U = U0 - W S_0^T
+            writes.append(torch.baddbmm(flat(U0_c), flat(W_c), flat(S.mT), alpha=-1).view_as(U0_c))  # U0 - W S_0^T
             if len(writes) < n:
                 S = last_c[..., None, None] * S + writes[-1].mT @ k_c  # the next chunk's S_0
-        S, U = torch.stack(starts, dim=2), torch.stack(writes, dim=2)  # (B, nh, n, dv, dk), (B, nh, n, Q, dv)
+        S, U = torch.stack(starts, dim=2), torch.stack(writes, dim=2)  # (.., dv, dk), (.., Q, dv)
 
-        # All chunks at once again: what each position reads, from the old state and from this chunk.
-        o = gamma[..., None] * (q @ S.mT) + ((q @ k.mT) * decay) @ U  # (B, nh, n, Q, dv)
-        o = o.reshape(B, nh, n * Q, dv)[:, :, :T]                   # (B, nh, T, dv) cut the padding
-    return o.to(out_dtype)
+        read_old = q @ S.mT                                         # (.., Q, dv) Q S_0^T
+        P = (q @ k.mT).mul_(decay)                                  # (.., Q, Q)
+        o = torch.addcmul(P @ U, gamma[..., None], read_old)
+        ctx.save_for_backward(q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U,
+                              decayed_k, P, read_old)
+        ctx.sizes = B, nh, T, n, Q
+        return o.reshape(B, nh, n * Q, dv)[:, :, :T]               # (B, nh, T, dv) cut the padding
+
+    @staticmethod
+    def backward(ctx, grad_o):
+        (q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U, decayed_k, P,
+         read_old) = ctx.saved_tensors
+        B, nh, T, n, Q = ctx.sizes
+        dO = F.pad(grad_o, (0, 0, 0, n * Q - T)).reshape(B, nh, n, Q, -1)
+
+        # O = diag(gamma) Q S_0^T + P U,  P = (Q K^T) * decay
+        dP, dU = dO @ U.mT, P.mT @ dO
+        gamma_dO = gamma[..., None] * dO
+        dS = gamma_dO.mT @ q                                        # what each chunk's S_0 gets from its outputs
+        dQK = dP * decay
+        dq = torch.baddbmm(flat(dQK @ k), flat(gamma_dO), flat(S)).view_as(q)
+        dgamma = (dO * read_old).sum(-1)
+
+        # The loop, last chunk first. S_next = gamma_Q S_0 + U^T D K and U = U0 - W S_0^T, so with dS_next the
+        # gradient reaching the next chunk's S_0: dU += D K dS_next^T, dS_0 += gamma_Q dS_next - dU^T W.
+        dS_next = q.new_zeros(S.shape[:2] + S.shape[3:])            # nothing after the last chunk
+        dUs, dS_nexts = [None] * n, [None] * n
+        dU_c, dS_c, W_c, k_c, last_c = (x.unbind(2) for x in (dU, dS, W, decayed_k, gamma[..., -1]))
+        for c in reversed(range(n)):
+            dS_nexts[c] = dS_next
+            dUs[c] = torch.baddbmm(flat(dU_c[c]), flat(k_c[c]), flat(dS_next.mT)).view_as(dU_c[c])
+            dS_next = torch.baddbmm(flat(dS_c[c] + last_c[c][..., None, None] * dS_next), flat(dUs[c].mT),
+                                    flat(W_c[c]), alpha=-1).view_as(dS_next)
+        dU, dS_next = torch.stack(dUs, dim=2), torch.stack(dS_nexts, dim=2)
+        d_decayed_k = U @ dS_next
+        dgamma[..., -1] += (dS_next * S).sum((-2, -1))              # gamma_Q, the carried state's decay
+
+        # W = M (beta gamma K), U0 = M (beta V), U = U0 - W S_0^T: dU0 = dU, dW = -dU S_0 (kept with its sign flipped)
+        minus_dW = dU @ S
+        dM = torch.baddbmm(flat(dU @ scaled_v.mT), flat(minus_dW), flat(scaled_k.mT), alpha=-1).view_as(M)
+        minus_d_scaled_k, d_scaled_v = M.mT @ minus_dW, M.mT @ dU
+        # M = (I + A)^{-1}: dA = -M^T dM M^T, on A's strictly lower part. A = beta_t * decayed_gram.
+        dA = -(M.mT @ dM @ M.mT).tril_(-1)
+        dA_gram = dA * decayed_gram                                 # dA * A / beta_t
+        dgram = dA.mul_(decay).mul_(beta[..., None])                # through k k^T
+        dk = (dgram + dgram.mT) @ k + dQK.mT @ q
+        k_dot = (minus_d_scaled_k * k).sum(-1)                      # -(d(beta gamma k) . k)
+        dk.addcmul_((beta * gamma)[..., None], minus_d_scaled_k, value=-1).addcmul_(to_end[..., None], d_decayed_k)
+        dv = beta[..., None] * d_scaled_v
+        dbeta = dA_gram.sum(-1) - gamma * k_dot + (d_scaled_v * v).sum(-1)
+        dgamma -= beta * k_dot
+
+        # Everything that depends on g: decay = exp(g_t - g_i), gamma = exp(g), to_end = exp(g_Q - g).
+        d_exponent = dP.mul_(P).add_(dA_gram.mul_(beta[..., None]))  # d(decay) * decay, through P and A
+        d_to_end = (d_decayed_k * k).sum(-1) * to_end
+        dg = d_exponent.sum(-1) - d_exponent.sum(-2) + dgamma * gamma - d_to_end
+        dg[..., -1] += d_to_end.sum(-1)
+        d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)               # g = cumsum(log_alpha)
+
+        unchunk = lambda x: x.reshape(B, nh, n * Q, *x.shape[4:])[:, :, :T]  # noqa: E731
+        return unchunk(dq), unchunk(dk), unchunk(dv), unchunk(dbeta), unchunk(d_log_alpha), None
