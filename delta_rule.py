@@ -14,8 +14,9 @@ Glossary: B batch rows, nh heads, T positions, dk key/query width, dv value widt
 per chunk, n = ceil(T / Q) chunks. S is (dv, dk) per batch row and head.
 
 delta_rule_loop is the definition (one position at a time, via delta_rule_step, also used for generation);
-delta_rule_chunked computes the same thing a chunk at a time and is what training runs (stack.py's
-matrix mixer). test_delta_rule.py checks that they agree, values and gradients:
+delta_rule_chunked computes the same thing a chunk at a time, with its backward pass written out
+(ChunkedDeltaRule), and is what training runs (stack.py's matrix mixer). test_delta_rule.py checks that
+they agree, values and gradients:
 
     python -m pytest -q test_delta_rule.py
 """
