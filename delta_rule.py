@@ -22,6 +22,7 @@ they agree, values and gradients:
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 
 CHUNK = 32  # positions per chunk of the training form: the fastest of 16 to 128 on a CPU (README, Speed)
@@ -69,16 +70,18 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
     """The same result as delta_rule_loop, a chunk of positions at a time.
 
     Rewrite the update as S_t = alpha_t S_{t-1} + u_t k_t^T with u_t = beta_t (v_t - alpha_t S_{t-1} k_t).
-    In a chunk of Q positions starting from state S_0, let g_t = cumsum of log_alpha inside the chunk and
-    gamma_t = exp(g_t). Then
-        S_t = gamma_t S_0 + sum_{i<=t} exp(g_t - g_i) u_i k_i^T
-        u_t + beta_t sum_{i<t} exp(g_t - g_i) (k_t . k_i) u_i = beta_t (v_t - gamma_t S_0 k_t)
-    i.e. (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A[t, i] = beta_t exp(g_t - g_i) (k_t . k_i) for i < t.
-    With M = (I + A)^{-1} (the inverse of a unit lower-triangular matrix; rows of K, V, U, W, O are positions):
+    Take a chunk of Q positions and S_0, the state carried into it from the chunks before. Let g_t = cumsum
+    of log_alpha inside the chunk, gamma_t = exp(g_t), and decay[t, i] = exp(g_t - g_i) for i <= t, else 0
+    (the memory's decay from position i to t). Then
+        S_t = gamma_t S_0 + sum_{i<=t} decay[t, i] u_i k_i^T
+        u_t + beta_t sum_{i<t} decay[t, i] (k_t . k_i) u_i = beta_t (v_t - gamma_t S_0 k_t)
+    i.e. (I + A) U = diag(beta) V - diag(beta gamma) K S_0^T, A[t, i] = beta_t decay[t, i] (k_t . k_i) for i < t.
+    With M = (I + A)^{-1} (the inverse of a unit lower-triangular matrix) and R the chunk's queries (rows of
+    R, K, V, U0, U, W, O are positions):
         W = M diag(beta gamma) K,   U0 = M diag(beta) V                     all chunks at once
         U = U0 - W S_0^T,   S_end = gamma_Q S_0 + U^T D K,   D = diag(exp(g_Q - g))   chunk after chunk
-        O = diag(gamma) Q S_0^T + P U,   P = (Q K^T) * causal mask (i <= t) * exp(g_t - g_i)   all chunks at once
-    Only the middle line needs the previous chunk's state: a loop of two small products per chunk.
+        O = diag(gamma) R S_0^T + P U,   P = (R K^T) * decay                all chunks at once
+    Only the middle line runs chunk after chunk: a loop of two small products per chunk.
     """
     out_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):              # float32 (or float64) even under bf16 autocast
@@ -96,7 +99,7 @@ def flat(x):
 
 class ChunkedDeltaRule(torch.autograd.Function):
     """delta_rule_chunked's computation (q, k, v, beta, log_alpha, Q -> o), with its backward pass written
-    out. Autograd would record some forty steps and keep every intermediate; here the forward pass keeps
+    out. Autograd would record every step and keep every intermediate; here the forward pass keeps
     what the gradient needs, and the backward pass is the chain rule through the docstring's three lines,
     in reverse (the loop over chunks runs last chunk first). test_delta_rule.py checks it against autograd
     on delta_rule_loop. Shapes: chunked tensors are (B, nh, n, Q, ...), S_0 per chunk (B, nh, n, dv, dk)."""
@@ -118,29 +121,29 @@ class ChunkedDeltaRule(torch.autograd.Function):
         g = log_alpha.cumsum(-1)                                    # log of the decay since the chunk's start
         gamma = g.exp()                                             # gamma_t = exp(g_t) <= 1
         causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()  # (Q, Q) i <= t
+        # decay[t, i] = exp(g_t - g_i): mask BEFORE exp, so only exp(<= 0), never an overflow
         decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (.., Q, Q)
-        # mask BEFORE exp: only exp(<= 0), never an overflow
         decayed_gram = (k @ k.mT).mul_(decay)                       # (.., Q, Q) exp(g_t - g_i) (k_t . k_i)
         eye = torch.eye(Q, dtype=q.dtype, device=q.device)
         lower = (beta[..., None] * decayed_gram).tril_(-1).add_(eye)  # I + A
         M = torch.linalg.solve_triangular(lower, eye.expand(lower.shape), upper=False, unitriangular=True)
-        # formed once: two products with M cost less than two triangular solves on this machine's CPU
+        # formed once: two products with M cost less than two triangular solves on a CPU (README, Speed)
         scaled_k, scaled_v = (beta * gamma)[..., None] * k, beta[..., None] * v
         W, U0 = M @ scaled_k, M @ scaled_v                          # (.., Q, dk), (.., Q, dv)
         to_end = (g[..., -1:] - g).exp()                            # exp(g_Q - g_t): the diagonal of D
         decayed_k = to_end[..., None] * k                           # D K
 
-        # Across chunks. unbind, then one stack: n index steps would each cost a whole tensor in the backward.
+        # Across chunks: the state each chunk starts from, and the values it writes.
         S = q.new_zeros(B, nh, dv, dk)
         starts, writes = [], []
-        for W_c, U0_c, k_c, last_c in zip(W.unbind(2), U0.unbind(2), decayed_k.unbind(2), gamma[..., -1].unbind(2)):
+        for W_c, U0_c, Dk_c, last_c in zip(W.unbind(2), U0.unbind(2), decayed_k.unbind(2), gamma[..., -1].unbind(2)):
             starts.append(S)
             writes.append(torch.baddbmm(flat(U0_c), flat(W_c), flat(S.mT), alpha=-1).view_as(U0_c))  # U0 - W S_0^T
             if len(writes) < n:
-                S = last_c[..., None, None] * S + writes[-1].mT @ k_c  # the next chunk's S_0
+                S = last_c[..., None, None] * S + writes[-1].mT @ Dk_c  # the next chunk's S_0
         S, U = torch.stack(starts, dim=2), torch.stack(writes, dim=2)  # (.., dv, dk), (.., Q, dv)
 
-        read_old = q @ S.mT                                         # (.., Q, dv) Q S_0^T
+        read_old = q @ S.mT                                         # (.., Q, dv) R S_0^T
         P = (q @ k.mT).mul_(decay)                                  # (.., Q, Q)
         o = torch.addcmul(P @ U, gamma[..., None], read_old)
         ctx.save_for_backward(q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U,
@@ -149,13 +152,14 @@ class ChunkedDeltaRule(torch.autograd.Function):
         return o.reshape(B, nh, n * Q, dv)[:, :, :T]               # (B, nh, T, dv) cut the padding
 
     @staticmethod
+    @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
     def backward(ctx, grad_o):
         (q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U, decayed_k, P,
          read_old) = ctx.saved_tensors
         B, nh, T, n, Q = ctx.sizes
         dO = F.pad(grad_o, (0, 0, 0, n * Q - T)).reshape(B, nh, n, Q, -1)
 
-        # O = diag(gamma) Q S_0^T + P U,  P = (Q K^T) * decay
+        # O = diag(gamma) R S_0^T + P U,  P = (R K^T) * decay
         dP, dU = dO @ U.mT, P.mT @ dO
         gamma_dO = gamma[..., None] * dO
         dS = gamma_dO.mT @ q                                        # what each chunk's S_0 gets from its outputs
@@ -166,16 +170,17 @@ class ChunkedDeltaRule(torch.autograd.Function):
         # The loop, last chunk first. S_next = gamma_Q S_0 + U^T D K and U = U0 - W S_0^T, so with dS_next the
         # gradient reaching the next chunk's S_0: dU += D K dS_next^T, dS_0 += gamma_Q dS_next - dU^T W.
         dS_next = q.new_zeros(S.shape[:2] + S.shape[3:])            # nothing after the last chunk
-        dUs, dS_nexts = [None] * n, [None] * n
-        dU_c, dS_c, W_c, k_c, last_c = (x.unbind(2) for x in (dU, dS, W, decayed_k, gamma[..., -1]))
+        dUs, dS_ends = [None] * n, [None] * n                       # per chunk: dU, and the gradient of S_end
+        dU_chunks, dS_chunks, W_chunks, Dk_chunks, last_gammas = (
+            x.unbind(2) for x in (dU, dS, W, decayed_k, gamma[..., -1]))
         for c in reversed(range(n)):
-            dS_nexts[c] = dS_next
-            dUs[c] = torch.baddbmm(flat(dU_c[c]), flat(k_c[c]), flat(dS_next.mT)).view_as(dU_c[c])
-            dS_next = torch.baddbmm(flat(dS_c[c] + last_c[c][..., None, None] * dS_next), flat(dUs[c].mT),
-                                    flat(W_c[c]), alpha=-1).view_as(dS_next)
-        dU, dS_next = torch.stack(dUs, dim=2), torch.stack(dS_nexts, dim=2)
-        d_decayed_k = U @ dS_next
-        dgamma[..., -1] += (dS_next * S).sum((-2, -1))              # gamma_Q, the carried state's decay
+            dS_ends[c] = dS_next
+            dUs[c] = torch.baddbmm(flat(dU_chunks[c]), flat(Dk_chunks[c]), flat(dS_next.mT)).view_as(dU_chunks[c])
+            dS_next = torch.baddbmm(flat(dS_chunks[c] + last_gammas[c][..., None, None] * dS_next), flat(dUs[c].mT),
+                                    flat(W_chunks[c]), alpha=-1).view_as(dS_next)
+        dU, dS_ends = torch.stack(dUs, dim=2), torch.stack(dS_ends, dim=2)
+        d_decayed_k = U @ dS_ends
+        dgamma[..., -1] += (dS_ends * S).sum((-2, -1))              # gamma_Q, the carried state's decay
 
         # W = M (beta gamma K), U0 = M (beta V), U = U0 - W S_0^T: dU0 = dU, dW = -dU S_0 (kept with its sign flipped)
         minus_dW = dU @ S
@@ -186,11 +191,11 @@ class ChunkedDeltaRule(torch.autograd.Function):
         dA_gram = dA * decayed_gram                                 # dA * A / beta_t
         dgram = dA.mul_(decay).mul_(beta[..., None])                # through k k^T
         dk = (dgram + dgram.mT) @ k + dQK.mT @ q
-        k_dot = (minus_d_scaled_k * k).sum(-1)                      # -(d(beta gamma k) . k)
+        minus_d_beta_gamma = (minus_d_scaled_k * k).sum(-1)
         dk.addcmul_((beta * gamma)[..., None], minus_d_scaled_k, value=-1).addcmul_(to_end[..., None], d_decayed_k)
         dv = beta[..., None] * d_scaled_v
-        dbeta = dA_gram.sum(-1) - gamma * k_dot + (d_scaled_v * v).sum(-1)
-        dgamma -= beta * k_dot
+        dbeta = dA_gram.sum(-1) - gamma * minus_d_beta_gamma + (d_scaled_v * v).sum(-1)
+        dgamma -= beta * minus_d_beta_gamma
 
         # Everything that depends on g: decay = exp(g_t - g_i), gamma = exp(g), to_end = exp(g_Q - g).
         d_exponent = dP.mul_(P).add_(dA_gram.mul_(beta[..., None]))  # d(decay) * decay, through P and A
