@@ -22,7 +22,7 @@ backward written out) and as the literal step-by-step definition through autogra
 
 Training: tokens/s of forward + backward + AdamW step, the same number of
 tokens per step at every length (batch = tokens / length); the median step of
-each measurement, and the median of 3 rounds in which the models take turns. Generation: the
+each measurement, and the median of 3 rounds; at each length the models take turns. Generation: the
 state holding `context` tokens is built directly (its contents do not change
 the cost), then `steps` tokens are generated one at a time (the median step, and
 the median of 3 rounds); the state's size is counted tensor by tensor.
