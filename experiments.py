@@ -420,13 +420,16 @@ def write_seed_sentences(summaries, device, started):
                   {"started": started, "seeds": SENTENCE_SEEDS, "rows": summaries}, [figure])
 
 
+def committed_results(study):
+    """What results/<study>.json holds ({} when the study has not been run)."""
+    path = RESULTS / f"{study}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def kept_rows(study):
     """The finished rows committed in results/<study>.json, if any, and when the study started (now if new)."""
-    path = RESULTS / f"{study}.json"
-    if not path.exists():
-        return [], time.time()
-    saved = json.loads(path.read_text())
-    return saved["rows"], saved.get("started", time.time())
+    saved = committed_results(study)
+    return saved.get("rows", []), saved.get("started", time.time())
 
 
 # -----------------------------------------------------------------------------

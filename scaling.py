@@ -12,7 +12,6 @@ never trains a finished run again (an interrupted run resumes from runs/ on the 
 has it).
 """
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -25,8 +24,8 @@ import train
 from checkpoint import load_checkpoint
 from cli import UserError
 from data import load_dataset
-from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, improvement_rows, kept_rows, mean_spread, run_rows,
-                         write_results)
+from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, improvement_rows, kept_rows,
+                         mean_spread, run_rows, write_results)
 from models import model_from_checkpoint
 
 # The models compared, by the improvements study's row that defines each (same flags, same parameters).
@@ -188,8 +187,7 @@ def second_seed_table(summaries, cell, best):
 
 def tuned_rates():
     """The sweep's best learning rate per model (results/lr-sweep.json)."""
-    path = RESULTS / "lr-sweep.json"
-    best = json.loads(path.read_text()).get("best_lr", {}) if path.exists() else {}
+    best = committed_results("lr-sweep").get("best_lr", {})
     if not all(name in best for name in ("Transformer", "vector stack", "context matrix")):
         raise UserError("the scaling study trains every model at its best learning rate: "
                         "run python experiments.py lr-sweep first")
@@ -363,8 +361,7 @@ def standard_error(values):
 
 def committed_noise():
     """The noise measured when the run folders were last at hand (results/scaling.json), if any."""
-    path = RESULTS / "scaling.json"
-    return json.loads(path.read_text()).get("evaluation_noise", []) if path.is_file() else []
+    return committed_results("scaling").get("evaluation_noise", [])
 
 
 def noise_readings(noise):

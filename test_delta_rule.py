@@ -100,4 +100,3 @@ def test_step_equals_chunked():
         outs.append(o)
     o_chunked = delta_rule_chunked(q, k, v, beta, log_alpha, chunk=16)
     assert rel_err(torch.stack(outs, dim=2), o_chunked) <= 1e-10
-
