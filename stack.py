@@ -91,7 +91,10 @@ class ShortConv(nn.Module):
     def forward(self, x):
         T, K = x.size(1), self.weight.size(1)
         padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
-        return self.bias + sum(padded[:, j : j + T] * self.weight[:, j] for j in range(K))  # (B, T, E)
+        u = torch.addcmul(self.bias, padded[:, :T], self.weight[:, 0])
+        for j in range(1, K):  # addcmul: one pass over memory per tap (a product and a sum: two)
+            u = torch.addcmul(u, padded[:, j : j + T], self.weight[:, j])
+        return u  # (B, T, E)
 
     def step(self, x, recent):
         """x (B, E) and the last K - 1 inputs (B, K - 1, E) -> u (B, E) and the new last K - 1 inputs."""

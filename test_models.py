@@ -22,6 +22,7 @@ from models import build_model, count_params, model_from_checkpoint, state_size,
 from sample import generate
 from scan import MIN_KEEP, parallel_scan, sequential_scan
 from stack import gate_floors
+from transformer import MLP, TransformerConfig
 
 V, T = 23, 24
 TINY = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, dropout=0.0)
@@ -169,6 +170,24 @@ def test_parallel_scan_equals_loop(dtype, tol):
         log_a.grad, b.grad = None, None
     for loop, chunked in [outputs] + list(zip(*grads)):
         assert (loop - chunked).abs().max() <= tol * loop.abs().max()
+
+
+def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
+    """An MLP whose width is not a multiple of 16 is computed with extra zero units: the same
+    output and gradients as Linear -> GELU -> Linear at its own width."""
+    torch.manual_seed(0)
+    mlp = MLP(TransformerConfig(vocab_size=V, embed_dim=8, hidden_dim=20, heads=2))
+    assert mlp.extra == 12
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    plain = mlp.down(torch.nn.functional.gelu(mlp.up(x)))
+    padded = mlp(x)
+    weights = torch.randn(3, 5, 8)
+    inputs = [x, *mlp.parameters()]
+    grads_plain = torch.autograd.grad((plain * weights).sum(), inputs)
+    grads_padded = torch.autograd.grad((padded * weights).sum(), inputs)
+    assert torch.allclose(padded, plain, atol=1e-6)
+    for a, b in zip(grads_padded, grads_plain):
+        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
 
 
 def test_seed_gate_is_the_reports_equation():

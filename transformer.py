@@ -75,13 +75,28 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Linear(E, H) -> GELU -> Linear(H, E).
+
+    Matrix products run fastest when H is a multiple of 16: on the CPU of the README's speed
+    section, forward and backward over 32 x 256 positions at E = 128 took 72 ms at width 524
+    (a width chosen to match parameter counts), 61 ms at 512, and 63 ms for width 524
+    computed as 528. So another width is computed as the next multiple of 16, with zero
+    weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the output
+    and every gradient are those of width H (test_models.py checks).
+    """
+
     def __init__(self, config):
         super().__init__()
         self.up = nn.Linear(config.embed_dim, config.hidden_dim)
         self.down = nn.Linear(config.hidden_dim, config.embed_dim)
+        self.extra = -config.hidden_dim % 16  # zero units that round H up to a multiple of 16
 
     def forward(self, x):
-        return self.down(F.gelu(self.up(x)))
+        if not self.extra:
+            return self.down(F.gelu(self.up(x)))
+        up_weight, up_bias = F.pad(self.up.weight, (0, 0, 0, self.extra)), F.pad(self.up.bias, (0, self.extra))
+        hidden = F.gelu(F.linear(x, up_weight, up_bias))  # (..., H + extra): the extra units are 0
+        return F.linear(hidden, F.pad(self.down.weight, (0, self.extra)), self.down.bias)
 
 
 class Block(nn.Module):
