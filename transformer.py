@@ -82,7 +82,9 @@ class MLP(nn.Module):
     (a width chosen to match parameter counts), 61 ms at 512, and 63 ms for width 524
     computed as 528. So another width is computed as the next multiple of 16, with zero
     weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the output
-    and every gradient are those of width H (test_models.py checks).
+    and every gradient are those of width H (test_models.py checks). Only in training: padding
+    the weights costs a copy of them at every call, which generation, one token at a time, would
+    pay at every token for no gain.
     """
 
     def __init__(self, config):
@@ -92,7 +94,7 @@ class MLP(nn.Module):
         self.extra = -config.hidden_dim % 16  # zero units that round H up to a multiple of 16
 
     def forward(self, x):
-        if not self.extra:
+        if not (self.extra and self.training):  # in training only (above)
             return self.down(F.gelu(self.up(x)))
         up_weight, up_bias = F.pad(self.up.weight, (0, 0, 0, self.extra)), F.pad(self.up.bias, (0, self.extra))
         hidden = F.gelu(F.linear(x, up_weight, up_bias))  # (..., H + extra): the extra units are 0
