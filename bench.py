@@ -22,10 +22,13 @@ backward written out) and as the literal step-by-step definition through autogra
 
 Training: tokens/s of forward + backward + AdamW step, the same number of
 tokens per step at every length (batch = tokens / length); the median step of
-each measurement, and the median of 3 rounds; at each length the models take turns. Generation: the
+each measurement, and the median of 5 rounds; at each length the models take turns. Generation: the
 state holding `context` tokens is built directly (its contents do not change
 the cost), then `steps` tokens are generated one at a time (the median step, and
-the median of 3 rounds); the state's size is counted tensor by tensor.
+the median of 5 rounds; at each context the models take turns); the state's size is counted
+tensor by tensor. A ratio between two models is the median over rounds of that round's ratio:
+the two numbers it divides were measured seconds apart, so a machine whose speed wanders from
+minute to minute moves both.
 """
 
 import json
@@ -97,8 +100,8 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 
 def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
-    """name -> {length: median training tokens/s over `rounds` rounds}. At each length the models take
-    turns, seconds apart, so a slow minute on a shared machine hits the models being compared alike.
+    """name -> {length: [training tokens/s in each round]}. At each length the models take turns, seconds
+    apart, so a slow minute on a shared machine hits the models being compared alike.
     forwards: name -> what to call instead of the model."""
     measured = {name: {n: [] for n in lengths[name]} for name in models}
     for _ in range(rounds):
@@ -107,7 +110,17 @@ def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
                 if n in lengths[name]:
                     forward = forwards[name] if forwards else None
                     measured[name][n].append(train_throughput(model, n, tokens, device, repeats, forward))
-    return {name: {n: statistics.median(runs) for n, runs in by_length.items()} for name, by_length in measured.items()}
+    return measured
+
+
+def medians(by_length):
+    """{key: [a value per round]} -> {key: the median}."""
+    return {key: statistics.median(values) for key, values in by_length.items()}
+
+
+def paired_ratio(numerators, denominators):
+    """The median over rounds of each round's ratio (numbers measured seconds apart divided by each other)."""
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
 
 
 def state_at(model, context, device):
@@ -176,12 +189,12 @@ def main(argv=None):
     results = {"device": hardware(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "tokens_per_step": tokens_per_step, "params": {}, "train": {}, "generate": {}}
     if args.compile:
-        compiled_training(results, device, repeats, 1 if args.quick else 3, args.json)
+        compiled_training(results, device, repeats, 1 if args.quick else 5, args.json)
         return
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
-    measure_training(results, train_lengths, seed_lengths, device, repeats, rounds=1 if args.quick else 3)
-    measure_generation(results, contexts, steps, device, rounds=1 if args.quick else 3)
+    measure_training(results, train_lengths, seed_lengths, device, repeats, rounds=1 if args.quick else 5)
+    measure_generation(results, contexts, steps, device, rounds=1 if args.quick else 5)
     results["ratios"], results["targets_met"] = ratios_and_targets(results)
     print("\nratios")
     for key, value in results["ratios"].items():
@@ -203,11 +216,11 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
     print(f"\ntraining throughput, tokens/s ({tokens_per_step} tokens per step; batch = tokens / length)")
     print(f"{'model':<22}{'params':>10}" + "".join(f"{n:>10}" for n in lengths))
     models = {name: make(name, max(lengths), device) for name in MODELS}
-    medians = take_turns(models, {name: seed_lengths if name == "newllm-seed" else lengths for name in MODELS},
-                         tokens_per_step, device, repeats, rounds)
+    results["train_rounds"] = take_turns(models, {name: seed_lengths if name == "newllm-seed" else lengths
+                                                  for name in MODELS}, tokens_per_step, device, repeats, rounds)
     for name, (model, params) in models.items():
         results["params"][name] = params
-        speeds = results["train"][name] = medians[name]
+        speeds = results["train"][name] = medians(results["train_rounds"][name])
         print(f"{name:<22}{params:>10,}" + "".join(f"{speeds[n]:>10,.0f}" if n in speeds else f"{'-':>10}"
                                                   for n in lengths))
     # the first command's model: train.py's defaults, its batch and length, dropout on as in training
@@ -220,7 +233,7 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
               for how, forward in forwards.items()} for _ in range(rounds)]
     first = {how: statistics.median(turn[how] for turn in turns) for how in forwards}
     results["first_command"] = dict(first, batch=defaults.batch_size, length=defaults.block_size,
-                                    params=count_params(model))
+                                    params=count_params(model), rounds=turns)
     print(f"\nthe first command's model ({count_params(model):,} parameters, batch {defaults.batch_size} x "
           f"{defaults.block_size}): " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in first.items()))
 
@@ -230,10 +243,14 @@ def measure_generation(results, contexts, steps, device, rounds):
     gpu = device.type == "cuda"
     print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
     print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
-    for name in ("transformer", "newllm-stack", "matrix-stack"):
-        model, _ = make(name, max(contexts) + steps + 8, device)
-        turns = [{n: generation(model, n, steps, device) for n in contexts} for _ in range(rounds)]
-        rows = {n: (statistics.median(turn[n][0] for turn in turns), *turns[-1][n][1:]) for n in contexts}
+    names = ("transformer", "newllm-stack", "matrix-stack")
+    models = {name: make(name, max(contexts) + steps + 8, device)[0] for name in names}
+    turns = [{n: {name: generation(models[name], n, steps, device) for name in names} for n in contexts}
+             for _ in range(rounds)]  # at each context the models take turns, as in training
+    results["generate_rounds"] = {name: {n: [turn[n][name][0] for turn in turns] for n in contexts} for name in names}
+    for name in names:
+        rows = {n: (statistics.median(seconds), *turns[-1][n][name][1:])
+                for n, seconds in results["generate_rounds"][name].items()}
         results["generate"][name] = {n: {"s_per_token": s, "state_bytes": b, "memory_bytes": m}
                                      for n, (s, b, m) in rows.items()}
         print(f"{name:<22}" + "".join(f"{s * 1e3:>8.2f} |{b / 2**20:>6.2f} |{(m or 0) / 2**20:>6.0f}"
@@ -242,24 +259,24 @@ def measure_generation(results, contexts, steps, device, rounds):
 
 def ratios_and_targets(results):
     """The numbers the targets are stated in (ratios to the Transformer, growth from 1k to 16k), and each verdict."""
-    t, s, m = (results["train"][name] for name in ("transformer", "newllm-stack", "matrix-stack"))
-    first = results["first_command"]
+    t, s, m = (results["train_rounds"][name] for name in ("transformer", "newllm-stack", "matrix-stack"))
+    first, generated = results["first_command"], results["generate_rounds"]
     growth = {name: {what: rows[16384][key] / rows[1024][key] - 1 for what, key in (("state", "state_bytes"),
                                                                                   ("latency", "s_per_token"))}
               for name, rows in results["generate"].items()}
     ratios = {
-        "stack_vs_transformer_train_256": s[256] / t[256],
-        "stack_vs_transformer_train_2048": s[2048] / t[2048],
-        "matrix_vs_transformer_train_256": m[256] / t[256],
-        "matrix_vs_transformer_train_2048": m[2048] / t[2048],
+        "stack_vs_transformer_train_256": paired_ratio(s[256], t[256]),
+        "stack_vs_transformer_train_2048": paired_ratio(s[2048], t[2048]),
+        "matrix_vs_transformer_train_256": paired_ratio(m[256], t[256]),
+        "matrix_vs_transformer_train_2048": paired_ratio(m[2048], t[2048]),
         **{f"{short}_{what}_growth_1k_to_16k": growth[name][what] for short, name in
            (("stack", "newllm-stack"), ("matrix", "matrix-stack"), ("transformer", "transformer"))
            for what in ("state", "latency")},
-        **{f"{short}_vs_transformer_generate_16k": results["generate"]["transformer"][16384]["s_per_token"]
-           / results["generate"][name][16384]["s_per_token"] for short, name in (("stack", "newllm-stack"),
-                                                                                 ("matrix", "matrix-stack"))},
-        "first_command_vs_literal_loop": first["as trained"] / first["literal loop"],
-        "seed_vs_stack_train_128": results["train"]["newllm-seed"][128] / s[128],
+        **{f"{short}_vs_transformer_generate_16k": paired_ratio(generated["transformer"][16384], generated[name][16384])
+           for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))},
+        "first_command_vs_literal_loop": paired_ratio(*([turn[how] for turn in first["rounds"]]
+                                                        for how in ("as trained", "literal loop"))),
+        "seed_vs_stack_train_128": paired_ratio(results["train_rounds"]["newllm-seed"][128], s[128]),
     }
     targets = {
         "stack trains >= 1.15x the Transformer's tokens/s at length 256":
@@ -289,15 +306,15 @@ def compiled_training(results, device, repeats, rounds, json_path):
     names = ("transformer", "newllm-stack", "matrix-stack")
     models = {name: make(name, max(lengths), device) for name in names}
     compiled = {name: torch.compile(model) for name, (model, _) in models.items()}
-    medians = take_turns(models, {name: lengths for name in names}, results["tokens_per_step"], device, repeats,
-                         rounds, compiled)
+    rounds_by_model = results["train_rounds"] = take_turns(models, {name: lengths for name in names},
+                                                           results["tokens_per_step"], device, repeats, rounds, compiled)
     for name, (_, params) in models.items():
         results["params"][name] = params
-        results["train"][name] = medians[name]
+        results["train"][name] = medians(rounds_by_model[name])
         print(f"{name:<22}" + "".join(f"{n:>8}: {v:>8,.0f}" for n, v in results["train"][name].items()))
-    t = results["train"]["transformer"]
-    results["ratios"] = {f"{short}_vs_transformer_train_{n}": results["train"][name][n] / t[n] for n in lengths
-                         for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))}
+    t = rounds_by_model["transformer"]
+    results["ratios"] = {f"{short}_vs_transformer_train_{n}": paired_ratio(rounds_by_model[name][n], t[n])
+                         for n in lengths for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))}
     for key, value in results["ratios"].items():
         print(f"  {key:<40}{value:>8.2f}")
     if json_path:

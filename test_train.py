@@ -595,6 +595,15 @@ def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
         assert (long == short) if name != "transformer" else (long > 3.9 * short), (name, short, long)
 
 
+def test_bench_ratios_pair_the_measurements_of_each_round():
+    """A slow round slows both models: the bench divides each round's numbers by each other, then takes
+    the median, where the ratio of the two medians would mix rounds (here 3.0 instead of 2.5)."""
+    import bench
+    fast_model, baseline = [2.0, 10.0, 3.0], [1.0, 4.0, 1.0]  # the second round ran on a faster machine
+    assert bench.paired_ratio(fast_model, baseline) == 2.5
+    assert bench.medians({256: fast_model})[256] / bench.medians({256: baseline})[256] == 3.0
+
+
 def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
     result = run("bench.py", "--quick", "--json", tmp_path / "missing" / "bench.json")
     assert_one_line_error(result, "its folder does not exist")
