@@ -26,7 +26,7 @@ each measurement, and the median of 5 rounds; at each length the models take tur
 state holding `context` tokens is built directly (its contents do not change
 the cost), then `steps` tokens are generated one at a time (the median step, and
 the median of 5 rounds; at each context the models take turns); the state's size is counted
-tensor by tensor. A ratio between two models is the median over rounds of that round's ratio:
+tensor by tensor. A ratio between two models is the median over rounds of each round's ratio:
 the two numbers it divides were measured seconds apart, so a machine whose speed wanders from
 minute to minute moves both.
 """
@@ -274,8 +274,8 @@ def ratios_and_targets(results):
            for what in ("state", "latency")},
         **{f"{short}_vs_transformer_generate_16k": paired_ratio(generated["transformer"][16384], generated[name][16384])
            for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))},
-        "first_command_vs_literal_loop": paired_ratio(*([turn[how] for turn in first["rounds"]]
-                                                        for how in ("as trained", "literal loop"))),
+        "first_command_vs_literal_loop": paired_ratio([turn["as trained"] for turn in first["rounds"]],
+                                                      [turn["literal loop"] for turn in first["rounds"]]),
         "seed_vs_stack_train_128": paired_ratio(results["train_rounds"]["newllm-seed"][128], s[128]),
     }
     targets = {

@@ -92,7 +92,7 @@ class ShortConv(nn.Module):
         T, K = x.size(1), self.weight.size(1)
         padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
         u = torch.addcmul(self.bias, padded[:, :T], self.weight[:, 0])
-        for j in range(1, K):  # addcmul: one pass over memory per tap (a product and a sum: two)
+        for j in range(1, K):  # one pass over memory per tap, where a separate * and + take two
             u = torch.addcmul(u, padded[:, j : j + T], self.weight[:, j])
         return u  # (B, T, E)
 

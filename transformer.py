@@ -80,11 +80,13 @@ class MLP(nn.Module):
     Matrix products run fastest when H is a multiple of 16: on the CPU of the README's speed
     section, forward and backward over 32 x 256 positions at E = 128 took 72 ms at width 524
     (a width chosen to match parameter counts), 61 ms at 512, and 63 ms for width 524
-    computed as 528. So another width is computed as the next multiple of 16, with zero
-    weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the output
-    and every gradient are those of width H (test_models.py checks). Only in training: padding
-    the weights costs a copy of them at every call, which generation, one token at a time, would
-    pay at every token for no gain.
+    computed as 528. So a width that is not a multiple of 16 is computed as the next one, with
+    zero weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the
+    output and every gradient are those of width H, up to floating-point rounding
+    (test_models.py, test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp). The Transformer's
+    default 4E is a multiple of 16 and never pads; the stacks' parameter-matched widths do.
+    Only in training: padding the weights costs a copy of them at every call, which generation,
+    one token at a time, would pay at every token for no gain.
     """
 
     def __init__(self, config):
@@ -96,6 +98,7 @@ class MLP(nn.Module):
     def forward(self, x):
         if not (self.extra and self.training):  # in training only (above)
             return self.down(F.gelu(self.up(x)))
+        # (H + extra, E) and (H + extra,): zero rows; then (E, H + extra): zero columns
         up_weight, up_bias = F.pad(self.up.weight, (0, 0, 0, self.extra)), F.pad(self.up.bias, (0, self.extra))
         hidden = F.gelu(F.linear(x, up_weight, up_bias))  # (..., H + extra): the extra units are 0
         return F.linear(hidden, F.pad(self.down.weight, (0, self.extra)), self.down.bias)
