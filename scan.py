@@ -4,7 +4,7 @@ the loop that defines it, and the chunked form that training runs (stack.py's ve
 
     sequential_scan   the definition, one position at a time: T steps
     parallel_scan     the same numbers, a chunk of 16 positions at a time: T/16 steps; its
-                      gradient is the same chunked scan run backwards (ParallelScan)
+                      gradient is a scan run from the end, the same way (ParallelScan)
 
 Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
 
@@ -12,7 +12,8 @@ Because a_t and b_t depend on the input only (never on c_{t-1}), the recurrence 
 closed form (Heinsen 2023): with A_t = sum_{r<=t} log a_r,
     c_t = exp(A_t) * sum_{s<=t} b_s exp(-A_s).
 Inside a chunk that is two cumulative sums; exp(-A_s) stays below e^64 because every keep
-gate is at least MIN_KEEP = e^-4 (16 positions x 4). test_models.py checks values and
+gate is at least MIN_KEEP = e^-4 (16 positions x 4). Each sum is a sum of terms, never a
+difference, so no precision is lost to cancellation however fast the gates forget. test_models.py checks values and
 gradients against the loop.
 
 The context matrix's recurrence (the delta rule) has its own file: delta_rule.py.
@@ -38,26 +39,33 @@ def sequential_scan(log_a, b):
 
 
 class ParallelScan(torch.autograd.Function):
-    """parallel_scan with its backward pass written out: autograd would record and replay the dozen
-    elementwise steps of the chunked form; the gradient is itself one scan, run backwards in time.
+    """parallel_scan with its backward pass written out: autograd would record and replay the
+    chunked form's steps; the gradient is itself a scan, run from the end.
 
     With g_t = dL/dc_t counted through every later position,
-        g_t = grad_t + a_{t+1} g_{t+1}     (a scan from the end, with the gates shifted by one)
-        dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
+        g_t = grad_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
+    Inside a chunk a_{t+1} ... a_s = growth_s / growth_t (chunked_scan's growth), so
+        g_t = (sum_{s>=t} grad_s growth_s + growth_Q g_in) / growth_t
+    where g_in = a_{Q+1} g_{Q+1} comes in from the next chunk: a sum towards the chunk's end
+    (a product with a triangle of ones) and a short loop over the chunks, last chunk first.
     """
 
     @staticmethod
     def forward(ctx, log_a, b):
-        c = chunked_scan(log_a, b)
-        ctx.save_for_backward(log_a, b, c)
+        c, growth = chunked_scan(log_a, b)
+        ctx.save_for_backward(growth, b, c)
         return c
 
     @staticmethod
     def backward(ctx, grad_c):
-        log_a, b, c = ctx.saved_tensors
-        next_log_a = F.pad(log_a[:, 1:], (0, 0, 0, 1))  # a_{t+1}; after the last position log a = 0 (a = 1)
-        # is harmless: the reversed scan starts there from 0
-        g = chunked_scan(next_log_a.flip(1), grad_c.flip(1)).flip(1)
+        growth, b, c = ctx.saved_tensors
+        B, T, C = grad_c.shape
+        weighted = chunks(grad_c) * growth  # grad_s growth_s: (B, n, Q, C)
+        to_end = sums_within_chunks(weighted, to_end=True)  # sum over s >= t in the chunk
+        decay = growth[:, :, -1]  # growth_Q: each chunk's total decay (B, n, C)
+        # g_in for each chunk: 0 after the last; g_in_i = total_{i+1} + decay_{i+1} g_in_{i+1}
+        incoming = across_chunks(to_end[:, :, 0], decay, last_first=True)
+        g = to_end.add_((decay * incoming)[:, :, None]).div_(growth).reshape(B, -1, C)[:, :T]
         return g * (c - b), g
 
 
@@ -69,25 +77,45 @@ def parallel_scan(log_a, b):
 
 
 def chunked_scan(log_a, b):
-    """sequential_scan's values, a chunk of positions at a time.
+    """sequential_scan's values, a chunk of positions at a time, and each chunk's growth.
 
-    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start and c_in
-    the value carried in from the previous chunk,
-        c_t = exp(A_t) * (c_in + sum_{s<=t} b_s / exp(A_s))
-    is two cumulative sums. Then a short loop over the chunk ends carries c from one
-    chunk into the next. Values only: ParallelScan calls it with autograd off, so the
-    in-place steps (fewer passes over memory) are safe.
+    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start, growth_t = exp(A_t)
+    and c_in the value carried in from the previous chunk,
+        c_t = growth_t * (c_in + sum_{s<=t} b_s / growth_s)
+    is two cumulative sums. Then a short loop over the chunk ends carries c from one chunk into
+    the next. Values only: ParallelScan calls it with autograd off, so the in-place steps
+    (fewer passes over memory) are safe.
     """
     B, T, C = b.shape
-    pad = (-T) % CHUNK
-    if pad:  # zeros at the end: b = 0 adds nothing and log a = 0 keeps everything
-        log_a, b = F.pad(log_a, (0, 0, 0, pad)), F.pad(b, (0, 0, 0, pad))
-    log_a, b = log_a.reshape(B, -1, CHUNK, C), b.reshape(B, -1, CHUNK, C)  # (B, n, Q, C)
-    growth = log_a.cumsum(dim=2).exp_()  # exp(A_t) >= e^-64: decay from each chunk's start to position t
-    local = torch.div(b, growth).cumsum_(dim=2).mul_(growth)  # every chunk scanned from c_in = 0
-    decay, ends = growth[:, :, -1].unbind(1), local[:, :, -1].unbind(1)  # per chunk: total decay, end value
-    starts = [torch.zeros_like(ends[0])]
-    for i in range(len(ends) - 1):  # c at each chunk's start, chunk by chunk
-        starts.append(torch.addcmul(ends[i], decay[i], starts[-1]))  # decay * start + end
-    c = torch.addcmul(local, growth, torch.stack(starts, dim=1)[:, :, None])  # what came in from before
-    return c.reshape(B, -1, C)[:, :T]
+    growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64: decay from the chunk's start to t
+    local = sums_within_chunks(chunks(b) / growth).mul_(growth)  # every chunk scanned from c_in = 0
+    starts = across_chunks(local[:, :, -1], growth[:, :, -1])  # c carried into each chunk (B, n, C)
+    c = local.addcmul_(growth, starts[:, :, None])
+    return c.reshape(B, -1, C)[:, :T], growth
+
+
+def chunks(x):
+    """(B, T, C) -> (B, n, Q, C), with zeros after the last position where T is not a multiple of Q
+    (b = 0 adds nothing, log a = 0 keeps everything). A view of x when no zeros are needed."""
+    pad = (-x.size(1)) % CHUNK
+    return (F.pad(x, (0, 0, 0, pad)) if pad else x).unflatten(1, (-1, CHUNK))
+
+
+def sums_within_chunks(x, to_end=False):
+    """Cumulative sums along each chunk of x (B, n, Q, C): from its start (s <= t), or towards its end
+    (s >= t). A product with a Q x Q triangle of ones: one pass, where cumsum from the end needs two flips.
+    In x's own precision even under autocast: a running sum in bfloat16 would drift."""
+    ones = torch.ones(CHUNK, CHUNK, dtype=x.dtype, device=x.device)
+    with torch.autocast(x.device.type, enabled=False):
+        return (ones.triu() if to_end else ones.tril()) @ x
+
+
+def across_chunks(ends, decay, last_first=False):
+    """x_i = ends_{i-1} + decay_{i-1} x_{i-1} from x_0 = 0, for chunks i = 0 .. n-1 (or the same from the last
+    chunk back: x_i = ends_{i+1} + decay_{i+1} x_{i+1}): the value carried into each chunk. (B, n, C) each."""
+    ends, decay = ends.unbind(1), decay.unbind(1)
+    order = range(len(ends) - 1, 0, -1) if last_first else range(len(ends) - 1)
+    carried = [torch.zeros_like(ends[0])]
+    for i in order:
+        carried.append(torch.addcmul(ends[i], decay[i], carried[-1]))
+    return torch.stack(carried[::-1] if last_first else carried, dim=1)

@@ -153,17 +153,23 @@ def test_compiled_model_equals_eager(name):
                                    loss_and_gradients(model, torch.compile(model, backend="eager"), idx))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_parallel_scan_equals_loop(dtype, tol):
+@pytest.mark.parametrize("gates", ["any", "at the floor"])
+@pytest.mark.parametrize("dtype,tol,autocast", [(torch.float64, 1e-12, False), (torch.float32, 1e-5, False),
+                                                (torch.float32, 1e-5, True)])
+def test_parallel_scan_equals_loop(dtype, tol, autocast, gates):
     """The chunked scan equals the loop in value and gradient, over many chunks, for any keep gate
-    the models can produce (MIN_KEEP .. 1); relative to the largest value, 1e-5 in float32."""
+    the models can produce (MIN_KEEP .. 1) and with every gate forgetting as fast as it can;
+    relative to the largest value, 1e-5 in float32, also under bfloat16 autocast (the scan's
+    sums must not drop to bfloat16: they would be ~5e-2 off)."""
     torch.manual_seed(0)
-    log_a = (torch.rand(2, 300, 8, dtype=dtype) * math.log(MIN_KEEP)).requires_grad_()
+    keep = torch.rand(2, 300, 8, dtype=dtype) if gates == "any" else torch.ones(2, 300, 8, dtype=dtype)
+    log_a = (keep * math.log(MIN_KEEP)).requires_grad_()
     b = torch.randn(2, 300, 8, dtype=dtype).requires_grad_()
     weights = torch.randn(2, 300, 8, dtype=dtype)
     outputs, grads = [], []
     for scan in (sequential_scan, parallel_scan):
-        c = scan(log_a, b)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and scan is parallel_scan):
+            c = scan(log_a, b)
         (c * weights).sum().backward()
         outputs.append(c.detach())
         grads.append((log_a.grad.clone(), b.grad.clone()))
