@@ -120,9 +120,8 @@ class ChunkedDeltaRule(torch.autograd.Function):
 
         g = log_alpha.cumsum(-1)                                    # log of the decay since the chunk's start
         gamma = g.exp()                                             # gamma_t = exp(g_t) <= 1
-        causal = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()  # (Q, Q) i <= t
-        # decay[t, i] = exp(g_t - g_i): mask BEFORE exp, so only exp(<= 0), never an overflow
-        decay = (g[..., :, None] - g[..., None, :]).masked_fill_(~causal, float("-inf")).exp_()  # (.., Q, Q)
+        # decay[t, i] = exp(g_t - g_i) for i <= t; above the diagonal exp may overflow to inf, which tril_ zeroes
+        decay = (g[..., :, None] - g[..., None, :]).exp_().tril_()  # (.., Q, Q)
         decayed_gram = (k @ k.mT).mul_(decay)                       # (.., Q, Q) exp(g_t - g_i) (k_t . k_i)
         eye = torch.eye(Q, dtype=q.dtype, device=q.device)
         lower = (beta[..., None] * decayed_gram).tril_(-1).add_(eye)  # I + A
@@ -140,7 +139,8 @@ class ChunkedDeltaRule(torch.autograd.Function):
             starts.append(S)
             writes.append(torch.baddbmm(flat(U0_c), flat(W_c), flat(S.mT), alpha=-1).view_as(U0_c))  # U0 - W S_0^T
             if len(writes) < n:
-                S = last_c[..., None, None] * S + writes[-1].mT @ Dk_c  # the next chunk's S_0
+                S = torch.baddbmm(flat(last_c[..., None, None] * S), flat(writes[-1].mT),  # the next chunk's S_0
+                                  flat(Dk_c)).view_as(S)
         S, U = torch.stack(starts, dim=2), torch.stack(writes, dim=2)  # (.., dv, dk), (.., Q, dv)
 
         read_old = q @ S.mT                                         # (.., Q, dv) R S_0^T
