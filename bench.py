@@ -28,7 +28,8 @@ the cost), then `steps` tokens are generated one at a time (the median step, and
 the median of 5 rounds; at each context the models take turns); the state's size is counted
 tensor by tensor. A ratio between two models is the median over rounds of each round's ratio:
 the two numbers it divides were measured seconds apart, so a machine whose speed wanders from
-minute to minute moves both.
+minute to minute moves both; the models go in reverse order every other round, so none is always
+first. Latency growth from 1k to 16k tokens of context is paired the same way.
 """
 
 import json
@@ -104,13 +105,19 @@ def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
     apart, so a slow minute on a shared machine hits the models being compared alike.
     forwards: name -> what to call instead of the model."""
     measured = {name: {n: [] for n in lengths[name]} for name in models}
-    for _ in range(rounds):
+    for r in range(rounds):
         for n in sorted({n for name in models for n in lengths[name]}):
-            for name, (model, _) in models.items():
+            for name, (model, _) in in_turn(models, r):
                 if n in lengths[name]:
                     forward = forwards[name] if forwards else None
                     measured[name][n].append(train_throughput(model, n, tokens, device, repeats, forward))
     return measured
+
+
+def in_turn(models, round_number):
+    """models' items in order, reversed in every other round: no model always goes first."""
+    items = list(models.items())
+    return items[::-1] if round_number % 2 else items
 
 
 def medians(by_length):
@@ -230,7 +237,7 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
     tokens = defaults.batch_size * defaults.block_size
     forwards = {"as trained": None, "literal loop": lambda i, t: literal_seed_forward(model, i, t)}
     turns = [{how: train_throughput(model, defaults.block_size, tokens, device, repeats, forward)
-              for how, forward in forwards.items()} for _ in range(rounds)]
+              for how, forward in in_turn(forwards, r)} for r in range(rounds)]
     first = {how: statistics.median(turn[how] for turn in turns) for how in forwards}
     results["first_command"] = dict(first, batch=defaults.batch_size, length=defaults.block_size,
                                     params=count_params(model), rounds=turns)
@@ -245,8 +252,8 @@ def measure_generation(results, contexts, steps, device, rounds):
     print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
     names = ("transformer", "newllm-stack", "matrix-stack")
     models = {name: make(name, max(contexts) + steps + 8, device)[0] for name in names}
-    turns = [{n: {name: generation(models[name], n, steps, device) for name in names} for n in contexts}
-             for _ in range(rounds)]  # at each context the models take turns, as in training
+    turns = [{n: {name: generation(model, n, steps, device) for name, model in in_turn(models, r)} for n in contexts}
+             for r in range(rounds)]  # at each context the models take turns, as in training
     results["generate_rounds"] = {name: {n: [turn[n][name][0] for turn in turns] for n in contexts} for name in names}
     for name in names:
         rows = {n: (statistics.median(seconds), *turns[-1][n][name][1:])
@@ -261,8 +268,8 @@ def ratios_and_targets(results):
     """The numbers the targets are stated in (ratios to the Transformer, growth from 1k to 16k), and each verdict."""
     t, s, m = (results["train_rounds"][name] for name in ("transformer", "newllm-stack", "matrix-stack"))
     first, generated = results["first_command"], results["generate_rounds"]
-    growth = {name: {what: rows[16384][key] / rows[1024][key] - 1 for what, key in (("state", "state_bytes"),
-                                                                                  ("latency", "s_per_token"))}
+    growth = {name: {"state": rows[16384]["state_bytes"] / rows[1024]["state_bytes"] - 1,
+                     "latency": paired_ratio(generated[name][16384], generated[name][1024]) - 1}
               for name, rows in results["generate"].items()}
     ratios = {
         "stack_vs_transformer_train_256": paired_ratio(s[256], t[256]),

@@ -604,6 +604,14 @@ def test_bench_ratios_pair_the_measurements_of_each_round():
     assert bench.medians({256: fast_model})[256] / bench.medians({256: baseline})[256] == 3.0
 
 
+def test_bench_alternates_which_model_goes_first():
+    import bench
+    models = {"transformer": 1, "newllm-stack": 2, "matrix-stack": 3}
+    firsts = [next(iter(bench.in_turn(models, r)))[0] for r in range(4)]
+    assert firsts == ["transformer", "matrix-stack", "transformer", "matrix-stack"]
+    assert sorted(bench.in_turn(models, 1)) == sorted(models.items())
+
+
 def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
     result = run("bench.py", "--quick", "--json", tmp_path / "missing" / "bench.json")
     assert_one_line_error(result, "its folder does not exist")
