@@ -182,7 +182,7 @@ class NewLLM(nn.Module):
         """The whole memory of the past: its size does not depend on how much text was read."""
         return {"position": 0, "context": self.cell.init_state(batch_size, device)}
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: generation never differentiates
     def step(self, token, state):
         """token (B,) -> next-token logits (B, V), and the state after reading it."""
         x = self.embed(token[:, None], state["position"])[:, 0]  # (B, E)

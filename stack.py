@@ -154,27 +154,28 @@ class VectorMixer(Mixer):
                              persistent=False)
 
     def coefficients(self, u):
-        """u (..., E) -> log a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
+        """u (..., E) -> a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
         read, value, *gate = self.to_inputs(u).split(self.config.context_dim, dim=-1)
         value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
         if not gate:
-            return torch.zeros_like(value), value, read  # log a_t = 0, b_t = v_t: the report's plain addition
+            return torch.ones_like(value), value, read  # a_t = 1, b_t = v_t: the report's plain addition
         logit = at_least_float32(gate[0])
-        keep = self.floor + (1 - self.floor) * torch.sigmoid(logit)  # a_t
-        write = (1 - self.floor) * torch.sigmoid(-logit)  # 1 - a_t, written without cancellation
-        return keep.log(), write * value, read
+        room = 1 - self.floor
+        keep = self.floor + room * torch.sigmoid(logit)  # a_t
+        write = room * torch.sigmoid(-logit)  # 1 - a_t, written without cancellation
+        return keep, write * value, read
 
     def forward(self, u):
-        log_a, b, read = self.coefficients(u)  # (B, T, C) each
+        keep, b, read = self.coefficients(u)  # (B, T, C) each
         scan = sequential_scan if self.reference else parallel_scan
-        return self.read_out(scan(log_a, b), read)  # c for every position at once, read out: (B, T, E)
+        return self.read_out(scan(keep.log(), b), read)  # c for every position at once, read out: (B, T, E)
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
 
     def step(self, u, context):
-        log_a, b, read = self.coefficients(u)
-        context = log_a.exp() * context + b
+        keep, b, read = self.coefficients(u)
+        context = torch.addcmul(b, keep, context)  # a_t * c_{t-1} + b_t
         return self.read_out(context, read), context
 
 
@@ -364,7 +365,7 @@ class ContextStack(nn.Module):
         """Every block's memory and conv window: the same size after 10 tokens or 10 million."""
         return {"position": 0, "blocks": [block.init_state(batch_size, device) for block in self.blocks]}
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: generation never differentiates
     def step(self, token, state):
         """token (B,) -> next-token logits (B, V), and the state after reading it."""
         x = self.embed(token[:, None], state["position"])[:, 0]  # (B, E)

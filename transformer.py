@@ -204,7 +204,7 @@ class Transformer(nn.Module):
         interface's: an empty cache needs neither)."""
         return {"position": 0, "cache": [None] * len(self.blocks)}
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all: generation never differentiates
     def step(self, token, state):
         """token (B,) -> next-token logits (B, V), state with the new position's keys and values."""
         position = state["position"]
