@@ -9,12 +9,13 @@ the loop that defines it, and the chunked form that training runs (stack.py's ve
 Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
 
 Because a_t and b_t depend on the input only (never on c_{t-1}), the recurrence has a
-closed form (Heinsen 2023): with A_t = sum_{r<=t} log a_r,
+closed form: with A_t = sum_{r<=t} log a_r,
     c_t = exp(A_t) * sum_{s<=t} b_s exp(-A_s).
-Inside a chunk that is two cumulative sums; exp(-A_s) stays below e^64 because every keep
-gate is at least MIN_KEEP = e^-4 (16 positions x 4). Each sum is a sum of terms, never a
-difference, so no precision is lost to cancellation however fast the gates forget. test_models.py checks values and
-gradients against the loop.
+Heinsen (2023) evaluates it in log space; here it is evaluated directly, one chunk at a
+time, which is safe because A restarts at every chunk: exp(-A_s) stays below e^64 since
+every keep gate is at least MIN_KEEP = e^-4 (16 positions x 4). Inside a chunk that is two
+cumulative sums; rescaling by exp(A) adds no cancellation of its own, so the chunked form
+is as accurate as the loop. test_models.py checks values and gradients against the loop.
 
 The context matrix's recurrence (the delta rule) has its own file: delta_rule.py.
 """
@@ -38,16 +39,37 @@ def sequential_scan(log_a, b):
     return torch.stack(out, dim=1)
 
 
+def chunked_scan(log_a, b):
+    """sequential_scan's values, a chunk of positions at a time, and each chunk's growth.
+
+    Inside a chunk, with positions t = 1 .. Q, A_t = sum_{r<=t} log a_r counted from the
+    chunk's start, growth_t = exp(A_t) and c_in the value carried in from the chunk before,
+        c_t = growth_t * (c_in + sum_{s<=t} b_s / growth_s)
+    is two cumulative sums. Then a short loop over the chunk ends carries c from one chunk
+    into the next. Values only: ParallelScan calls it with autograd off, so the in-place steps
+    (fewer passes over memory) are safe.
+    """
+    B, T, C = b.shape
+    growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64: decay from the chunk's start to t
+    local = sums_within_chunks(chunks(b) / growth).mul_(growth)  # every chunk scanned from c_in = 0
+    c_in = across_chunks(local[:, :, -1], growth[:, :, -1])  # (B, n, C)
+    c = local.addcmul_(growth, c_in[:, :, None])
+    return c.reshape(B, -1, C)[:, :T], growth
+
+
 class ParallelScan(torch.autograd.Function):
-    """parallel_scan with its backward pass written out: autograd would record and replay the
-    chunked form's steps; the gradient is itself a scan, run from the end.
+    """chunked_scan with its backward pass written out. Autograd would keep every intermediate of
+    the chunked form and replay each step backwards; here the forward pass keeps three tensors
+    (growth, b, c) and the gradient is itself a scan, run from the end.
 
     With g_t = dL/dc_t counted through every later position,
         g_t = grad_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
-    Inside a chunk a_{t+1} ... a_s = growth_s / growth_t (chunked_scan's growth), so
+    Inside a chunk (positions 1 .. Q, as in chunked_scan), a_{t+1} ... a_s = growth_s / growth_t, so
         g_t = (sum_{s>=t} grad_s growth_s + growth_Q g_in) / growth_t
-    where g_in = a_{Q+1} g_{Q+1} comes in from the next chunk: a sum towards the chunk's end
-    (a product with a triangle of ones) and a short loop over the chunks, last chunk first.
+    where g_in = a_{Q+1} g_{Q+1} comes in from the next chunk's first position. With total_i chunk
+    i's whole sum (its s >= 1 sum) and decay_i its growth_Q, g_in_i = total_{i+1} + decay_{i+1} g_in_{i+1},
+    and 0 after the last chunk: a sum towards each chunk's end (a product with a triangle of ones)
+    and a short loop over the chunks, last chunk first.
     """
 
     @staticmethod
@@ -60,38 +82,24 @@ class ParallelScan(torch.autograd.Function):
     def backward(ctx, grad_c):
         growth, b, c = ctx.saved_tensors
         B, T, C = grad_c.shape
-        weighted = chunks(grad_c) * growth  # grad_s growth_s: (B, n, Q, C)
-        to_end = sums_within_chunks(weighted, to_end=True)  # sum over s >= t in the chunk
-        decay = growth[:, :, -1]  # growth_Q: each chunk's total decay (B, n, C)
-        # g_in for each chunk: 0 after the last; g_in_i = total_{i+1} + decay_{i+1} g_in_{i+1}
-        incoming = across_chunks(to_end[:, :, 0], decay, last_first=True)
-        g = to_end.add_((decay * incoming)[:, :, None]).div_(growth).reshape(B, -1, C)[:, :T]
-        return g * (c - b), g
+        to_end = sums_within_chunks(chunks(grad_c) * growth, to_end=True)  # sum_{s>=t} grad_s growth_s (B, n, Q, C)
+        decay = growth[:, :, -1]  # growth_Q: each chunk's decay from its start to its end (B, n, C)
+        g_in = across_chunks(to_end[:, :, 0], decay, last_first=True)  # to_end at t = 1 is total_i
+        g = to_end.add_((decay * g_in)[:, :, None]).div_(growth).reshape(B, -1, C)[:, :T]
+        # without --gate, log a is a constant and needs no gradient
+        return (g * (c - b) if ctx.needs_input_grad[0] else None), g
 
 
 @torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
 def parallel_scan(log_a, b):
-    """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward).
-    Under torch.compile it stays eager; the gates and the read-out around it are still compiled."""
+    """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward),
+    for log_a >= log(MIN_KEEP), which stack.py's gate floors guarantee. Under torch.compile it stays eager;
+    the gates and the read-out around it are still compiled."""
     return ParallelScan.apply(log_a, b)
 
 
-def chunked_scan(log_a, b):
-    """sequential_scan's values, a chunk of positions at a time, and each chunk's growth.
-
-    Inside a chunk, with A_t = sum_{r<=t} log a_r counted from the chunk's start, growth_t = exp(A_t)
-    and c_in the value carried in from the previous chunk,
-        c_t = growth_t * (c_in + sum_{s<=t} b_s / growth_s)
-    is two cumulative sums. Then a short loop over the chunk ends carries c from one chunk into
-    the next. Values only: ParallelScan calls it with autograd off, so the in-place steps
-    (fewer passes over memory) are safe.
-    """
-    B, T, C = b.shape
-    growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64: decay from the chunk's start to t
-    local = sums_within_chunks(chunks(b) / growth).mul_(growth)  # every chunk scanned from c_in = 0
-    starts = across_chunks(local[:, :, -1], growth[:, :, -1])  # c carried into each chunk (B, n, C)
-    c = local.addcmul_(growth, starts[:, :, None])
-    return c.reshape(B, -1, C)[:, :T], growth
+# -----------------------------------------------------------------------------
+# small pieces
 
 
 def chunks(x):
@@ -104,15 +112,16 @@ def chunks(x):
 def sums_within_chunks(x, to_end=False):
     """Cumulative sums along each chunk of x (B, n, Q, C): from its start (s <= t), or towards its end
     (s >= t). A product with a Q x Q triangle of ones: one pass, where cumsum from the end needs two flips.
-    In x's own precision even under autocast: a running sum in bfloat16 would drift."""
+    In x's own precision even under autocast: a running sum in bfloat16 would drift. (So would one
+    in TF32, which PyTorch leaves off for float32 products unless asked.)"""
     ones = torch.ones(CHUNK, CHUNK, dtype=x.dtype, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         return (ones.triu() if to_end else ones.tril()) @ x
 
 
 def across_chunks(ends, decay, last_first=False):
-    """x_i = ends_{i-1} + decay_{i-1} x_{i-1} from x_0 = 0, for chunks i = 0 .. n-1 (or the same from the last
-    chunk back: x_i = ends_{i+1} + decay_{i+1} x_{i+1}): the value carried into each chunk. (B, n, C) each."""
+    """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1},
+    or, last_first, x_{n-1} = 0 and x_i = ends_{i+1} + decay_{i+1} x_{i+1}. ends, decay: (B, n, C)."""
     ends, decay = ends.unbind(1), decay.unbind(1)
     order = range(len(ends) - 1, 0, -1) if last_first else range(len(ends) - 1)
     carried = [torch.zeros_like(ends[0])]

@@ -154,28 +154,32 @@ class VectorMixer(Mixer):
                              persistent=False)
 
     def coefficients(self, u):
-        """u (..., E) -> a_t and b_t of c_t = a_t * c_{t-1} + b_t (float32), and the read gate r_t."""
+        """u (..., E) -> 1 - a_t (None without --gate), v_t (float32) and the read gate r_t, where
+        c_t = a_t * c_{t-1} + (1 - a_t) * v_t, or c_{t-1} + v_t without the gate."""
         read, value, *gate = self.to_inputs(u).split(self.config.context_dim, dim=-1)
         value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
         if not gate:
-            return torch.ones_like(value), value, read  # a_t = 1, b_t = v_t: the report's plain addition
-        logit = at_least_float32(gate[0])
-        room = 1 - self.floor
-        keep = self.floor + room * torch.sigmoid(logit)  # a_t
-        write = room * torch.sigmoid(-logit)  # 1 - a_t, written without cancellation
-        return keep, write * value, read
+            return None, value, read
+        # 1 - a_t = (1 - f)(1 - sigmoid(.)) = (1 - f) sigmoid(-.): written without the cancellation of 1 - a_t
+        write = (1 - self.floor) * torch.sigmoid(-at_least_float32(gate[0]))
+        return write, value, read
 
     def forward(self, u):
-        keep, b, read = self.coefficients(u)  # (B, T, C) each
+        write, value, read = self.coefficients(u)  # (B, T, C) each
+        if write is None:  # the report's plain addition: a_t = 1, b_t = v_t
+            log_a, b = torch.zeros_like(value), value
+        else:  # log a_t = log(1 - write), exact even where a_t is too close to 1 to round well
+            log_a, b = torch.log1p(-write), write * value
         scan = sequential_scan if self.reference else parallel_scan
-        return self.read_out(scan(keep.log(), b), read)  # c for every position at once, read out: (B, T, E)
+        return self.read_out(scan(log_a, b), read)  # c for every position at once, read out: (B, T, E)
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
 
     def step(self, u, context):
-        keep, b, read = self.coefficients(u)
-        context = torch.addcmul(b, keep, context)  # a_t * c_{t-1} + b_t
+        write, value, read = self.coefficients(u)
+        # a_t c_{t-1} + (1 - a_t) v_t: a step from c_{t-1} towards v_t
+        context = context + value if write is None else torch.lerp(context, value, write)
         return self.read_out(context, read), context
 
 
