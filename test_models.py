@@ -21,7 +21,7 @@ from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet,
 from models import build_model, count_params, model_from_checkpoint, state_size, use_reference
 from sample import generate
 from scan import MIN_KEEP, parallel_scan, sequential_scan
-from stack import gate_floors
+from stack import ShortConv, gate_floors
 from transformer import MLP, TransformerConfig
 
 V, T = 23, 24
@@ -178,6 +178,32 @@ def test_parallel_scan_equals_loop(dtype, tol, autocast, gates):
         assert (loop - chunked).abs().max() <= tol * loop.abs().max()
 
 
+@pytest.mark.parametrize("width,length", [(4, 9), (4, 2), (1, 5), (3, 3)])
+def test_short_conv_equals_its_loop(width, length):
+    """The short convolution's written-out backward (CausalConv) gives the loop's values and gradients,
+    also where taps look back past the first position (length < width) and with a single tap."""
+    torch.manual_seed(0)
+    conv = ShortConv(6, width).double()
+    x = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, length, 6, dtype=torch.float64)
+    results = []
+    for reference in (True, False):
+        conv.reference = reference
+        u = conv(x)
+        results.append([u.detach()] + list(torch.autograd.grad((u * weights).sum(), [x, *conv.parameters()])))
+    for loop, fast in zip(*results):
+        assert torch.allclose(fast, loop, rtol=1e-12, atol=1e-14)
+
+
+def test_short_conv_gradient_keeps_the_input_dtype():
+    """Under autocast the conv's input may be bfloat16 while its weights are float32: each gets a
+    gradient of its own dtype."""
+    conv = ShortConv(4, 3)
+    x = torch.randn(2, 5, 4).to(torch.bfloat16).requires_grad_()
+    conv(x).sum().backward()
+    assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
+
+
 def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
     """An MLP whose width is not a multiple of 16 is computed with extra zero units: the same
     output and gradients as Linear -> GELU -> Linear at its own width."""
@@ -194,6 +220,24 @@ def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
     assert torch.allclose(padded, plain, atol=1e-6)
     for a, b in zip(grads_padded, grads_plain):
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
+
+
+def test_mixer_input_projection_padded_to_a_multiple_of_16_is_the_plain_one():
+    """The matrix mixer's input projection (2C + 2 nh dk + 2 nh outputs: 24 + 24 + 6 = 54) is computed in
+    training as 64 with zero rows: the same output and gradients as without (eval mode)."""
+    torch.manual_seed(0)
+    model = build_model("stack", **dict(MATRIX, short_conv=3, context_norm=True)).double()
+    mixer = model.blocks[0].mixer
+    assert mixer.extra == 10
+    u = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64)
+    results = []
+    for training in (False, True):
+        mixer.train(training)
+        out = mixer(u)
+        results.append([out.detach()] + list(torch.autograd.grad((out * weights).sum(), [u, *mixer.parameters()])))
+    for plain, padded in zip(*results):
+        assert plain.shape == padded.shape and torch.allclose(padded, plain, rtol=1e-12, atol=1e-14)
 
 
 def test_seed_gate_is_the_reports_equation():

@@ -74,6 +74,11 @@ class CausalSelfAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(x.shape)), (k, v)
 
 
+def rows_padded(linear, extra):
+    """A Linear's weight and bias with `extra` zero output rows appended: the same outputs, then `extra` zeros."""
+    return F.pad(linear.weight, (0, 0, 0, extra)), F.pad(linear.bias, (0, extra))
+
+
 class MLP(nn.Module):
     """Linear(E, H) -> GELU -> Linear(H, E).
 
@@ -99,7 +104,7 @@ class MLP(nn.Module):
         if not (self.extra and self.training):  # in training only (above)
             return self.down(F.gelu(self.up(x)))
         # (H + extra, E) and (H + extra,): zero rows; then (E, H + extra): zero columns
-        up_weight, up_bias = F.pad(self.up.weight, (0, 0, 0, self.extra)), F.pad(self.up.bias, (0, self.extra))
+        up_weight, up_bias = rows_padded(self.up, self.extra)
         hidden = F.gelu(F.linear(x, up_weight, up_bias))  # (..., H + extra): the extra units are 0
         return F.linear(hidden, F.pad(self.down.weight, (0, self.extra)), self.down.bias)
 
