@@ -97,26 +97,36 @@ def flat(x):
     return x.reshape(-1, *x.shape[-2:])
 
 
+def to_chunks(x, n, Q):
+    """(B, nh, T, ...) -> (n, B, nh, Q, ...), chunk first and contiguous, zero-padded to n * Q positions.
+    Chunk first so that each chunk's slice is one block of memory: the loop over chunks then reads and
+    writes its states and values in place, with no copies and no stacking afterwards."""
+    pad = n * Q - x.shape[2]
+    if pad:  # harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.unflatten(2, (n, Q)).movedim(2, 0).contiguous()
+
+
+def from_chunks(x, T):
+    """(n, B, nh, Q, ...) -> (B, nh, T, ...), laid out in memory as (B, T, nh, ...): the positions-first
+    layout the caller transposes back to, so that its next step needs no copy."""
+    positions_first = x.movedim(0, 1).transpose(2, 3).contiguous()  # (B, n, Q, nh, ...)
+    return positions_first.flatten(1, 2)[:, :T].transpose(1, 2)
+
+
 class ChunkedDeltaRule(torch.autograd.Function):
     """delta_rule_chunked's computation (q, k, v, beta, log_alpha, Q -> o), with its backward pass written
     out. Autograd would record every step and keep every intermediate; here the forward pass keeps
     what the gradient needs, and the backward pass is the chain rule through the docstring's three lines,
     in reverse (the loop over chunks runs last chunk first). test_delta_rule.py checks it against autograd
-    on delta_rule_loop. Shapes: chunked tensors are (B, nh, n, Q, ...), S_0 per chunk (B, nh, n, dv, dk)."""
+    on delta_rule_loop. Shapes: chunked tensors are (n, B, nh, Q, ...), S_0 per chunk (n, B, nh, dv, dk)."""
 
     @staticmethod
     def forward(ctx, q, k, v, beta, log_alpha, Q):
         B, nh, T, dk = k.shape
         dv = v.shape[-1]
         n = -(-T // Q)  # ceil(T / Q)
-        # Zero padding is harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last.
-        pad = n * Q - T
-        if pad:
-            q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-            beta, log_alpha = (F.pad(x, (0, pad)) for x in (beta, log_alpha))
-        # contiguous once here, not inside every product below (the heads-first inputs are transposed views)
-        q, k, v = (x.reshape(B, nh, n, Q, -1).contiguous() for x in (q, k, v))  # (B, nh, n, Q, dk or dv)
-        beta, log_alpha = (x.reshape(B, nh, n, Q) for x in (beta, log_alpha))  # (B, nh, n, Q)
+        q, k, v, beta, log_alpha = (to_chunks(x, n, Q) for x in (q, k, v, beta, log_alpha))
 
         g = log_alpha.cumsum(-1)                                    # log of the decay since the chunk's start
         gamma = g.exp()                                             # gamma_t = exp(g_t) <= 1
@@ -128,36 +138,34 @@ class ChunkedDeltaRule(torch.autograd.Function):
         M = torch.linalg.solve_triangular(lower, eye.expand(lower.shape), upper=False, unitriangular=True)
         # formed once: two products with M cost less than two triangular solves on a CPU (README, Speed)
         scaled_k, scaled_v = (beta * gamma)[..., None] * k, beta[..., None] * v
-        W, U0 = M @ scaled_k, M @ scaled_v                          # (.., Q, dk), (.., Q, dv)
+        W, U = M @ scaled_k, M @ scaled_v                           # (.., Q, dk), and U0 (.., Q, dv)
         to_end = (g[..., -1:] - g).exp()                            # exp(g_Q - g_t): the diagonal of D
         decayed_k = to_end[..., None] * k                           # D K
+        last = gamma[..., -1, None, None]                           # (n, B, nh, 1, 1) gamma_Q
 
-        # Across chunks: the state each chunk starts from, and the values it writes.
-        S = q.new_zeros(B, nh, dv, dk)
-        starts, writes = [], []
-        for W_c, U0_c, Dk_c, last_c in zip(W.unbind(2), U0.unbind(2), decayed_k.unbind(2), gamma[..., -1].unbind(2)):
-            starts.append(S)
-            writes.append(torch.baddbmm(flat(U0_c), flat(W_c), flat(S.mT), alpha=-1).view_as(U0_c))  # U0 - W S_0^T
-            if len(writes) < n:
-                S = torch.baddbmm(flat(last_c[..., None, None] * S), flat(writes[-1].mT),  # the next chunk's S_0
-                                  flat(Dk_c)).view_as(S)
-        S, U = torch.stack(starts, dim=2), torch.stack(writes, dim=2)  # (.., dv, dk), (.., Q, dv)
+        # Across chunks: the state each chunk starts from, and the values it writes (U0 becomes U in place).
+        S = q.new_empty(n, B, nh, dv, dk)
+        S[0] = 0
+        for c in range(n):
+            flat(U[c]).baddbmm_(flat(W[c]), flat(S[c]).mT, alpha=-1)  # U = U0 - W S_0^T
+            if c + 1 < n:                                           # the next chunk's S_0
+                flat(torch.mul(S[c], last[c], out=S[c + 1])).baddbmm_(flat(U[c]).mT, flat(decayed_k[c]))
 
         read_old = q @ S.mT                                         # (.., Q, dv) R S_0^T
         P = (q @ k.mT).mul_(decay)                                  # (.., Q, Q)
         o = torch.addcmul(P @ U, gamma[..., None], read_old)
         ctx.save_for_backward(q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U,
                               decayed_k, P, read_old)
-        ctx.sizes = B, nh, T, n, Q
-        return o.reshape(B, nh, n * Q, dv)[:, :, :T]               # (B, nh, T, dv) cut the padding
+        ctx.length = T
+        return from_chunks(o, T)                                    # (B, nh, T, dv)
 
     @staticmethod
     @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
     def backward(ctx, grad_o):
         (q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U, decayed_k, P,
          read_old) = ctx.saved_tensors
-        B, nh, T, n, Q = ctx.sizes
-        dO = F.pad(grad_o, (0, 0, 0, n * Q - T)).reshape(B, nh, n, Q, -1)
+        n, Q = q.shape[0], q.shape[3]
+        dO = to_chunks(grad_o, n, Q)
 
         # O = diag(gamma) R S_0^T + P U,  P = (R K^T) * decay
         dP, dU = dO @ U.mT, P.mT @ dO
@@ -169,16 +177,15 @@ class ChunkedDeltaRule(torch.autograd.Function):
 
         # The loop, last chunk first. S_next = gamma_Q S_0 + U^T D K and U = U0 - W S_0^T, so with dS_next the
         # gradient reaching the next chunk's S_0: dU += D K dS_next^T, dS_0 += gamma_Q dS_next - dU^T W.
-        dS_next = q.new_zeros(S.shape[:2] + S.shape[3:])            # nothing after the last chunk
-        dUs, dS_ends = [None] * n, [None] * n                       # per chunk: dU, and the gradient of S_end
-        dU_chunks, dS_chunks, W_chunks, Dk_chunks, last_gammas = (
-            x.unbind(2) for x in (dU, dS, W, decayed_k, gamma[..., -1]))
+        # dS_ends[c] is the gradient of chunk c's end state, the next chunk's S_0; dU is updated in place.
+        dS_ends = torch.empty_like(S)
+        dS_ends[-1] = 0                                             # nothing after the last chunk
+        last = gamma[..., -1, None, None]
         for c in reversed(range(n)):
-            dS_ends[c] = dS_next
-            dUs[c] = torch.baddbmm(flat(dU_chunks[c]), flat(Dk_chunks[c]), flat(dS_next.mT)).view_as(dU_chunks[c])
-            dS_next = torch.baddbmm(flat(dS_chunks[c] + last_gammas[c][..., None, None] * dS_next), flat(dUs[c].mT),
-                                    flat(W_chunks[c]), alpha=-1).view_as(dS_next)
-        dU, dS_ends = torch.stack(dUs, dim=2), torch.stack(dS_ends, dim=2)
+            flat(dU[c]).baddbmm_(flat(decayed_k[c]), flat(dS_ends[c]).mT)
+            if c > 0:
+                flat(torch.addcmul(dS[c], last[c], dS_ends[c], out=dS_ends[c - 1])).baddbmm_(
+                    flat(dU[c]).mT, flat(W[c]), alpha=-1)
         d_decayed_k = U @ dS_ends
         dgamma[..., -1] += (dS_ends * S).sum((-2, -1))              # gamma_Q, the carried state's decay
 
@@ -204,5 +211,6 @@ class ChunkedDeltaRule(torch.autograd.Function):
         dg[..., -1] += d_to_end.sum(-1)
         d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)               # g = cumsum(log_alpha)
 
-        unchunk = lambda x: x.reshape(B, nh, n * Q, *x.shape[4:])[:, :, :T]  # noqa: E731
-        return unchunk(dq), unchunk(dk), unchunk(dv), unchunk(dbeta), unchunk(d_log_alpha), None
+        T = ctx.length
+        return from_chunks(dq, T), from_chunks(dk, T), from_chunks(dv, T), from_chunks(dbeta, T), \
+            from_chunks(d_log_alpha, T), None
