@@ -21,7 +21,7 @@ from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet,
 from models import build_model, count_params, model_from_checkpoint, state_size, use_reference
 from sample import generate
 from scan import MIN_KEEP, parallel_scan, sequential_scan
-from stack import ShortConv, gate_floors
+from stack import ShortConv, gate_floors, unit_length
 from transformer import MLP, TransformerConfig
 
 V, T = 23, 24
@@ -238,6 +238,20 @@ def test_mixer_input_projection_padded_to_a_multiple_of_16_is_the_plain_one():
         results.append([out.detach()] + list(torch.autograd.grad((out * weights).sum(), [u, *mixer.parameters()])))
     for plain, padded in zip(*results):
         assert plain.shape == padded.shape and torch.allclose(padded, plain, rtol=1e-12, atol=1e-14)
+
+
+def test_unit_length_is_normalize():
+    """The matrix mixer's unit keys and queries (UnitLength, gradient written out) are F.normalize's,
+    values and gradients."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(3, 5, 8, dtype=torch.float64)
+    results = []
+    for normalize in (lambda x: torch.nn.functional.normalize(x, dim=-1), unit_length):
+        y = normalize(x)
+        results.append((y.detach(), torch.autograd.grad((y * weights).sum(), x)[0]))
+    for reference, fast in zip(*results):
+        assert torch.allclose(fast, reference, rtol=1e-12, atol=1e-14)
 
 
 def test_seed_gate_is_the_reports_equation():
