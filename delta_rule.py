@@ -93,8 +93,9 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
 
 
 def flat(x):
-    """(..., m, p) -> (batch, m, p): the 3-d shape baddbmm takes."""
-    return x.reshape(-1, *x.shape[-2:])
+    """(..., m, p) -> (batch, m, p): the 3-d shape baddbmm takes. A view, never a copy (view fails loudly where
+    reshape would copy), so that an in-place baddbmm_ on it writes into x itself."""
+    return x.view(-1, *x.shape[-2:])
 
 
 def to_chunks(x, n, Q):
@@ -102,14 +103,14 @@ def to_chunks(x, n, Q):
     Chunk first so that each chunk's slice is one block of memory: the loop over chunks then reads and
     writes its states and values in place, with no copies and no stacking afterwards."""
     pad = n * Q - x.shape[2]
-    if pad:  # harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last
+    if pad:
         x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
     return x.unflatten(2, (n, Q)).movedim(2, 0).contiguous()
 
 
 def from_chunks(x, T):
     """(n, B, nh, Q, ...) -> (B, nh, T, ...), laid out in memory as (B, T, nh, ...): the positions-first
-    layout the caller transposes back to, so that its next step needs no copy."""
+    layout the caller transposes back to, so that its next step (in float32) needs no copy."""
     positions_first = x.movedim(0, 1).transpose(2, 3).contiguous()  # (B, n, Q, nh, ...)
     return positions_first.flatten(1, 2)[:, :T].transpose(1, 2)
 
@@ -126,6 +127,7 @@ class ChunkedDeltaRule(torch.autograd.Function):
         B, nh, T, dk = k.shape
         dv = v.shape[-1]
         n = -(-T // Q)  # ceil(T / Q)
+        # The zero padding is harmless: beta = 0 writes nothing, log_alpha = 0 forgets nothing, and it comes last.
         q, k, v, beta, log_alpha = (to_chunks(x, n, Q) for x in (q, k, v, beta, log_alpha))
 
         g = log_alpha.cumsum(-1)                                    # log of the decay since the chunk's start
@@ -138,7 +140,8 @@ class ChunkedDeltaRule(torch.autograd.Function):
         M = torch.linalg.solve_triangular(lower, eye.expand(lower.shape), upper=False, unitriangular=True)
         # formed once: two products with M cost less than two triangular solves on a CPU (README, Speed)
         scaled_k, scaled_v = (beta * gamma)[..., None] * k, beta[..., None] * v
-        W, U = M @ scaled_k, M @ scaled_v                           # (.., Q, dk), and U0 (.., Q, dv)
+        # (.., Q, dk) and (.., Q, dv): U holds U0 = M diag(beta) V until the loop below subtracts W S_0^T in place
+        W, U = M @ scaled_k, M @ scaled_v
         to_end = (g[..., -1:] - g).exp()                            # exp(g_Q - g_t): the diagonal of D
         decayed_k = to_end[..., None] * k                           # D K
         last = gamma[..., -1, None, None]                           # (n, B, nh, 1, 1) gamma_Q

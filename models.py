@@ -52,7 +52,7 @@ def model_config_dict(model):
 
 def use_reference(model, on=True):
     """Switch every layer that has a fast path to its readable definition (the tests and bench compare them):
-    the context cell's literal loop, the scans' loops, attention written out."""
+    the context cell's literal loop, the scans' loops, the short convolution's loop, attention written out."""
     for module in model.modules():
         if hasattr(type(module), "reference"):
             module.reference = on

@@ -140,7 +140,7 @@ class CausalConv(torch.autograd.Function):
         for j, lag in taps(K, T):  # x_s reaches u_{s + lag} through tap j
             grad_x[:, : T - lag].addcmul_(grad_u[:, lag:], rows[j])
             grad_rows[j] = (grad_u[:, lag:] * x[:, : T - lag]).sum((0, 1))
-        return grad_x.to(x.dtype), grad_rows.T, grad_u.sum((0, 1))
+        return grad_x, grad_rows.T, grad_u.sum((0, 1))
 
 
 def taps(K, T):
@@ -167,8 +167,9 @@ def gate_floors(channels, timescales, longest):
 
 class UnitLength(torch.autograd.Function):
     """y = x / |x| along the last axis (F.normalize's result), with its gradient written out:
-    dL/dx = (dL/dy - y (dL/dy . y)) / |x|, the part of dL/dy orthogonal to y, scaled. Three passes
-    over memory where autograd through the formula takes about seven (test_models.py checks it)."""
+    dL/dx = (dL/dy - y (dL/dy . y)) / |x|, the part of dL/dy orthogonal to y, scaled: three passes over
+    memory in the backward pass, where autograd through x * rsqrt(sum(x * x)) takes about seven
+    (test_models.py checks it against F.normalize)."""
 
     @staticmethod
     def forward(ctx, x):
@@ -193,12 +194,12 @@ class Mixer(nn.Module):
     x += W_o (norm(m_t) * silu(W_r u_t)): the input decides, channel by channel, how much of
     what the memory returns passes into the residual stream (Mamba's and GLA's output gate)."""
 
-    def __init__(self, config, inputs):
+    def __init__(self, config, input_width):
         super().__init__()
         E, C = config.embed_dim, config.context_dim
         self.config = config
-        self.to_inputs = nn.Linear(E, inputs)  # every per-position input of the memory in one matmul
-        self.extra = -inputs % 16  # zero rows that round it up to a multiple of 16 in training (as transformer.MLP)
+        self.to_inputs = nn.Linear(E, input_width)  # every per-position input of the memory in one matmul
+        self.extra = -input_width % 16  # zero rows that round it up to a multiple of 16 in training (as transformer.MLP)
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
 

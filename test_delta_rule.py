@@ -44,6 +44,20 @@ def test_chunked_equals_loop(dtype, tol, T, gated):
         assert rel_err(a, b) <= tol
 
 
+def test_chunked_takes_heads_first_views():
+    """The matrix mixer passes heads-first views of positions-first tensors (a transpose, not a copy):
+    the chunked form gives the loop's values and gradients for those too, over several chunks."""
+    torch.manual_seed(0)
+    inputs = [x.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_() for x in make_inputs(T=37)]
+    assert not inputs[0].is_contiguous()
+    w = torch.randn(2, 3, 37, 6, dtype=torch.float64)
+    o_ref, g_ref = output_and_grads(delta_rule_loop, inputs, w)
+    o, g = output_and_grads(lambda *x: delta_rule_chunked(*x, chunk=16), inputs, w)
+    assert rel_err(o, o_ref) <= 1e-10
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) <= 1e-10
+
+
 def test_bfloat16_autocast():
     """Under bf16 autocast with bf16 inputs, chunked runs in float32 inside: bf16 out, finite, close to the loop."""
     torch.manual_seed(0)

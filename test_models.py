@@ -118,8 +118,8 @@ def test_step_equals_forward(name):
 
 @pytest.mark.parametrize("name", VARIANTS)
 def test_fast_path_equals_reference(name):
-    """Every fast path (the cell's batched token half, the scans' chunks, fused attention) gives the
-    readable definition's loss and gradients, in float64, over several chunks."""
+    """Every fast path (the cell's batched token half, the scans' chunks, the short convolution's written-out
+    backward, fused attention) gives the readable definition's loss and gradients, in float64."""
     model = tiny(name).double()
     idx = torch.randint(V, (2, T))
     results = []
@@ -195,15 +195,6 @@ def test_short_conv_equals_its_loop(width, length):
         assert torch.allclose(fast, loop, rtol=1e-12, atol=1e-14)
 
 
-def test_short_conv_gradient_keeps_the_input_dtype():
-    """Under autocast the conv's input may be bfloat16 while its weights are float32: each gets a
-    gradient of its own dtype."""
-    conv = ShortConv(4, 3)
-    x = torch.randn(2, 5, 4).to(torch.bfloat16).requires_grad_()
-    conv(x).sum().backward()
-    assert x.grad.dtype == torch.bfloat16 and conv.weight.grad.dtype == torch.float32
-
-
 def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
     """An MLP whose width is not a multiple of 16 is computed with extra zero units: the same
     output and gradients as Linear -> GELU -> Linear at its own width."""
@@ -222,13 +213,15 @@ def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
         assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
 
 
-def test_mixer_input_projection_padded_to_a_multiple_of_16_is_the_plain_one():
-    """The matrix mixer's input projection (2C + 2 nh dk + 2 nh outputs: 24 + 24 + 6 = 54) is computed in
-    training as 64 with zero rows: the same output and gradients as without (eval mode)."""
+@pytest.mark.parametrize("config,extra", [(MATRIX, 10), (STACK, 12)])
+def test_mixer_input_projection_padded_to_a_multiple_of_16_is_the_plain_one(config, extra):
+    """The mixers' input projections (matrix: 2C + 2 nh dk + 2 nh outputs, 24 + 24 + 6 = 54; vector: 3C = 36)
+    are computed in training with zero rows up to a multiple of 16: the same output and gradients as
+    without (eval mode)."""
     torch.manual_seed(0)
-    model = build_model("stack", **dict(MATRIX, short_conv=3, context_norm=True)).double()
+    model = build_model("stack", **dict(config, context_norm=True)).double()
     mixer = model.blocks[0].mixer
-    assert mixer.extra == 10
+    assert mixer.extra == extra
     u = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64, requires_grad=True)
     weights = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64)
     results = []
