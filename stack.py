@@ -194,22 +194,23 @@ class Mixer(nn.Module):
     x += W_o (norm(m_t) * silu(W_r u_t)): the input decides, channel by channel, how much of
     what the memory returns passes into the residual stream (Mamba's and GLA's output gate)."""
 
-    def __init__(self, config, input_width):
+    def __init__(self, config, sizes):
         super().__init__()
         E, C = config.embed_dim, config.context_dim
         self.config = config
-        self.to_inputs = nn.Linear(E, input_width)  # every per-position input of the memory in one matmul
-        self.extra = -input_width % 16  # zero rows that round it up to a multiple of 16 in training (as transformer.MLP)
+        self.sizes = sizes  # the widths of the memory's per-position inputs, in the order `inputs` returns them
+        self.to_inputs = nn.Linear(E, sum(sizes))  # all of them in one matmul
+        self.extra = -sum(sizes) % 16  # zero rows that round it up to a multiple of 16 in training (as transformer.MLP)
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
 
-    def inputs(self, u, sizes):
-        """W u_t, split into pieces of the given sizes. In training it is computed with `extra` zero rows,
+    def inputs(self, u):
+        """W u_t, split into pieces of self.sizes. In training it is computed with `extra` zero rows,
         as transformer.MLP does and for its reason: the matrix mixer's 516 outputs cost ~12% more
         than 528 (forward and backward, README, Speed); the extra piece is never read."""
         if not (self.extra and self.training):
-            return self.to_inputs(u).split(sizes, dim=-1)
-        return F.linear(u, *rows_padded(self.to_inputs, self.extra)).split([*sizes, self.extra], dim=-1)[:-1]
+            return self.to_inputs(u).split(self.sizes, dim=-1)
+        return F.linear(u, *rows_padded(self.to_inputs, self.extra)).split([*self.sizes, self.extra], dim=-1)[:-1]
 
     def read_out(self, m, read):
         """m (..., C): what the memory returns; read (..., C): the read gate's input W_r u_t -> (..., E)."""
@@ -223,14 +224,14 @@ class VectorMixer(Mixer):
 
     def __init__(self, config):
         # r_t (read gate), v_t (value) and, with --gate, the keep gate's logit: C each
-        super().__init__(config, (3 if config.gate else 2) * config.context_dim)
+        super().__init__(config, [config.context_dim] * (3 if config.gate else 2))
         self.register_buffer("floor", gate_floors(config.context_dim, config.timescales, config.block_size),
                              persistent=False)
 
     def coefficients(self, u):
         """u (..., E) -> 1 - a_t (None without --gate), v_t (float32) and the read gate r_t, where
         c_t = a_t * c_{t-1} + (1 - a_t) * v_t, or c_{t-1} + v_t without the gate."""
-        read, value, *gate = self.inputs(u, [self.config.context_dim] * (3 if self.config.gate else 2))
+        read, value, *gate = self.inputs(u)
         value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
         if not gate:
             return None, value, read
@@ -263,14 +264,14 @@ class MatrixMixer(Mixer):
     reference = False  # True: delta_rule_loop (the definition) instead of delta_rule_chunked
 
     def __init__(self, config):
-        # r_t and v_t (C each), q_t and k_t (nh * dk each), beta_t's logit and, with --gate, alpha_t's (nh each)
+        # in order: r_t (C), q_t and k_t (nh * dk each), v_t (C), beta_t's and (--gate) alpha_t's logits (nh each)
         nh, keys = config.context_heads, config.context_heads * config.key_dim
-        super().__init__(config, 2 * config.context_dim + 2 * keys + (2 if config.gate else 1) * nh)
+        super().__init__(config, [config.context_dim, 2 * keys, config.context_dim, (2 if config.gate else 1) * nh])
 
     def coefficients(self, u):
         """u (..., E) -> q, k (..., nh, dk) of unit length, v (..., nh, dv); beta, log alpha (..., nh); read gate r_t."""
-        C, nh, keys = self.config.context_dim, self.config.context_heads, self.config.context_heads * self.config.key_dim
-        read, qk, v, gates = self.inputs(u, [C, 2 * keys, C, (2 if self.config.gate else 1) * nh])
+        nh = self.config.context_heads
+        read, qk, v, gates = self.inputs(u)
         # unit keys make k k^T a projection, so the delta rule's write can never blow the memory up;
         # unit queries read every head on the same scale
         q, k = unit_length(at_least_float32(qk).unflatten(-1, (2 * nh, -1))).chunk(2, dim=-2)  # (..., nh, dk) each
