@@ -31,8 +31,12 @@ import torch
 
 
 class ContextLoop(torch.autograd.Function):
-    """masks (L, T, B, H): dropout's multipliers (0 or 1 / (1 - p)) or None; token_part P (T, B, H); W_c (H, C),
-    then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position."""
+    """masks: L tensors (T, B, H) of dropout's multipliers (0 or 1 / (1 - p)), or None; token_part P (T, B, H);
+    W_c (H, C), then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position.
+
+    Every per-position tensor is kept one per layer, (T, B, H), not as one (L, T, B, H) block: at the default
+    sizes such a block is 32 MiB, and glibc hands a block that large back to the system when it is freed, so
+    every step would page it in again (about a tenth of the step, four such tensors)."""
 
     @staticmethod
     def forward(ctx, masks, token_part, context_weight, *weights):
@@ -43,21 +47,22 @@ class ContextLoop(torch.autograd.Function):
     def loop(ctx, masks, token_part, context_weight, *weights):
         layers, (out_weight, out_bias) = list(zip(weights[:-2:2], weights[1:-2:2])), weights[-2:]
         T, B, H = token_part.shape
-        hidden = token_part.new_empty(len(layers) + 1, T, B, H)  # h_l after dropout, every position: for backward
+        hidden = [token_part.new_empty(T, B, H) for _ in range(len(layers) + 1)]  # h_l after dropout: for backward
         contexts = token_part.new_empty(T, B, context_weight.size(1))  # c_{t-1} at every position
         context = token_part.new_zeros(B, context_weight.size(1))  # c_0 = 0
         for t in range(T):
             contexts[t] = context
-            # relu(z_0) into hidden[0, t]; its dropout mask is applied in place just before the next layer reads it
-            h = torch.addmm(token_part[t], context, context_weight.T, out=hidden[0, t]).relu_()
+            # relu(z_0) into hidden[0][t]; its dropout mask is applied in place just before the next layer reads it
+            h = torch.addmm(token_part[t], context, context_weight.T, out=hidden[0][t]).relu_()
             for l, (weight, bias) in enumerate(layers):
                 if masks is not None:
-                    h.mul_(masks[l, t])
-                h = torch.addmm(bias, h, weight.T, out=hidden[l + 1, t]).relu_()  # h_{l+1}
+                    h.mul_(masks[l][t])
+                h = torch.addmm(bias, h, weight.T, out=hidden[l + 1][t]).relu_()  # h_{l+1}
             if masks is not None:
-                h.mul_(masks[-1, t])
+                h.mul_(masks[-1][t])
             context = torch.addmm(context + out_bias, h, out_weight.T)  # c_t = c_{t-1} + W_o h + b_o
-        ctx.save_for_backward(masks, hidden, contexts, context_weight, out_weight, *weights[:-2:2])
+        ctx.layers = len(hidden)
+        ctx.save_for_backward(*hidden, contexts, context_weight, out_weight, *weights[:-2:2], *(masks or ()))
         return hidden[-1].clone()
 
     @staticmethod
@@ -67,21 +72,22 @@ class ContextLoop(torch.autograd.Function):
 
     @staticmethod
     def loop_backward(ctx, grad_out):
-        masks, hidden, contexts, context_weight, out_weight, *layer_weights = ctx.saved_tensors
-        (T, B, _), L = grad_out.shape, hidden.size(0)
-        multiplier = (hidden > 0).to(hidden.dtype)  # D_l at every position: dz = dh * D
-        if masks is not None:
-            multiplier.mul_(masks)
-        grad_z = torch.empty_like(hidden)  # dL/dz_l at every position
+        saved, L, (T, B, _) = ctx.saved_tensors, ctx.layers, grad_out.shape
+        hidden, (contexts, context_weight, out_weight) = saved[:L], saved[L:L + 3]
+        layer_weights, masks = saved[L + 3:2 * L + 2], saved[2 * L + 2:]  # masks: () without dropout
+        multiplier = [(h > 0).to(h.dtype) for h in hidden]  # D_l at every position: dz = dh * D
+        for d, mask in zip(multiplier, masks):
+            d.mul_(mask)
+        grad_z = [torch.empty_like(h) for h in hidden]  # dL/dz_l at every position
         grad_c = grad_out.new_empty(T, B, out_weight.size(0))  # dL/dc_t at every position
         dc = grad_out.new_zeros(B, out_weight.size(0))  # dL/dc_t: nothing after the last position
         for t in reversed(range(T)):
             grad_c[t] = dc
             g = torch.addmm(grad_out[t], dc, out_weight)  # dL/dh_{L-1}: the output, and through c_t
             for l in reversed(range(1, L)):
-                dz = torch.mul(g, multiplier[l, t], out=grad_z[l, t])
+                dz = torch.mul(g, multiplier[l][t], out=grad_z[l][t])
                 g = dz @ layer_weights[l - 1]  # dL/dh_{l-1}
-            dz0 = torch.mul(g, multiplier[0, t], out=grad_z[0, t])
+            dz0 = torch.mul(g, multiplier[0][t], out=grad_z[0][t])
             dc = torch.addmm(dc, dz0, context_weight)  # dL/dc_{t-1} = dL/dc_t (the identity path) + W_c^T dz_0
         # the weight gradients: sums over all positions, one large product each
         flat = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)

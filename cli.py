@@ -82,11 +82,11 @@ def hardware(device):
     if device.type == "mps":
         return "Apple GPU (mps)"
     name = "CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
+    try:  # the first processor's block of /proc/cpuinfo (Linux); a model name alone can cover several generations
+        first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        info = dict((key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in first.splitlines()))
+        name = f"{info['model name']} (family {info['cpu family']}, model {info['model']}"
+        name += ", AVX-512)" if "avx512f" in info.get("flags", "").split() else ")"
+    except (OSError, KeyError):
         pass
     return f"{torch.get_num_threads()} threads of {name}"

@@ -70,12 +70,12 @@ class ContextCell(nn.Module):
         return h
 
     def dropout_masks(self, like):
-        """Every dropout mask of a sequence in one draw: (L, T, B, H) multipliers 0 or 1 / (1 - p); None when off."""
+        """Every dropout mask of a sequence, before the loop: L tensors shaped like `like` (T, B, H) of multipliers
+        0 or 1 / (1 - p); None when off. (One tensor per layer: bptt.py says why.)"""
         p = self.config.dropout
         if not self.training or p == 0:
             return None
-        return torch.empty(self.config.layers, *like.shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p) \
-            .div_(1 - p)
+        return [torch.empty_like(like).bernoulli_(1 - p).div_(1 - p) for _ in range(self.config.layers)]
 
     def update(self, context, h):
         """c_{t-1}, h_t -> c_t: added to, or gated; then normalised if asked."""

@@ -63,16 +63,16 @@ def test_report_model_backward_with_dropout_equals_autograd():
     model = build_model("newllm", **dict(TINY, layers=3, dropout=0.3)).double().train()
     cell, idx = model.cell, torch.randint(V, (2, T))
     masks = cell.dropout_masks(torch.empty(T, 2, TINY["hidden_dim"], dtype=torch.float64))
-    assert masks is not None and set(masks.unique().tolist()) == {0.0, 1 / 0.7}
+    assert len(masks) == 3 and set(torch.cat(masks).unique().tolist()) == {0.0, 1 / 0.7}
     cell.dropout_masks = lambda like: masks
     weights = torch.randn(2, T, TINY["hidden_dim"], dtype=torch.float64)
 
     def autograd_loop(x):  # newllm.py's equations, written out, with the masks above
         context, hiddens = torch.zeros(2, TINY["context_dim"], dtype=torch.float64), []
         for t in range(T):
-            h = torch.relu(cell.fnn[0](torch.cat([x[:, t], context], dim=-1))) * masks[0, t]
+            h = torch.relu(cell.fnn[0](torch.cat([x[:, t], context], dim=-1))) * masks[0][t]
             for l, layer in enumerate(cell.fnn[1:], start=1):
-                h = torch.relu(layer(h)) * masks[l, t]
+                h = torch.relu(layer(h)) * masks[l][t]
             context = context + cell.to_context(h)
             hiddens.append(h)
         return torch.stack(hiddens, dim=1)
