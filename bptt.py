@@ -35,8 +35,8 @@ class ContextLoop(torch.autograd.Function):
     W_c (H, C), then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position.
 
     Every per-position tensor is kept one per layer, (T, B, H), not as one (L, T, B, H) block: at the default
-    sizes such a block is 32 MiB, and glibc hands a block that large back to the system when it is freed, so
-    every step would page it in again (about a tenth of the step, four such tensors)."""
+    sizes such a block is 32 MiB, more than glibc keeps for reuse (cli.py, reuse_freed_memory), so every step
+    would page the four such tensors in again: a tenth of the step or more (README, Speed)."""
 
     @staticmethod
     def forward(ctx, masks, token_part, context_weight, *weights):
