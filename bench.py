@@ -4,8 +4,8 @@ sequence length, and generation latency and state memory against context
 length, for the Transformer and New-LLM at matched parameter counts.
 
     python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
-    python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~9 minutes)
-    python bench.py --compile --json results/bench_compiled.json           # torch.compile (~4 minutes)
+    python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~5 minutes)
+    python bench.py --compile --json results/bench_compiled.json           # torch.compile (~3 minutes)
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -17,8 +17,10 @@ only has to be long enough for the longest context measured):
                 the chunked delta rule (delta_rule.py)
   newllm-seed   the seed report's model at the same size, a loop over positions
 And the first command's model (`python train.py --arch newllm --context-dim 256`: the
-report's model at train.py's defaults) timed twice: as trained (bptt.py's loop with its
-backward written out) and as the literal step-by-step definition through autograd.
+report's model at train.py's defaults) timed three ways: as trained (bptt.py's loop with its
+backward written out), as the literal step-by-step definition through autograd, and as its
+matrix products alone (the same shapes in the same order, nothing else: the fastest any
+implementation of this arithmetic could be).
 
 Training: tokens/s of forward + backward + AdamW step, the same number of
 tokens per step at every length (batch = tokens / length); the median step of
@@ -78,6 +80,20 @@ def literal_seed_forward(model, idx, targets):
     return logits, torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
 
+def median_seconds(work, device, repeats):
+    """The median time of `work()` over `repeats` calls, after two more that warm up allocators, kernels and
+    optimizer state."""
+    times = []
+    for i in range(repeats + 2):
+        sync(device)
+        start = time.perf_counter()
+        work()
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def train_throughput(model, length, tokens, device, repeats, forward=None):
     """Tokens per second of full training steps at one sequence length."""
     batch = max(1, tokens // length)
@@ -85,19 +101,44 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
     idx = torch.randint(VOCAB, (batch, length), device=device)
     forward = forward if forward is not None else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    times = []
-    for i in range(repeats + 2):  # the first two steps warm up allocators, kernels and the optimizer state
-        sync(device)
-        start = time.perf_counter()
+
+    def step():
         with autocast:
             _, loss = forward(idx, idx)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return batch * length / statistics.median(times)
+    return batch * length / median_seconds(step, device, repeats)
+
+
+def step_products(config, batch, length, device):
+    """A function that does every matrix product of the report's model's training step (newllm.py, bptt.py),
+    the same shapes in the same order, and nothing else: no step doing this arithmetic can be faster."""
+    E, C, H, V, rows = config.embed_dim, config.context_dim, config.hidden_dim, config.vocab_size, batch * length
+    weight = lambda *shape: torch.randn(*shape, device=device) / shape[1] ** 0.5  # noqa: E731  (values stay finite)
+    W_x, W_c, W_o, head = weight(H, E), weight(H, C), weight(C, H), weight(V, H)
+    layers = [weight(H, H) for _ in range(config.layers - 1)]
+    x, hidden, contexts = (torch.randn(rows, n, device=device) for n in (E, H, C))  # every position at once
+
+    def products():
+        x @ W_x.T  # the token half of the first Linear
+        context = torch.randn(batch, C, device=device)
+        for _ in range(length):  # forward, one position after another: W_c c, the layers, W_o h
+            h = context @ W_c.T
+            for W in layers:
+                h = h @ W.T
+            context = h @ W_o.T
+        logits = hidden @ head.T  # the token head, then its two gradients
+        logits @ head, logits.T @ hidden
+        for _ in range(length):  # backward, one position after another
+            grad = context @ W_o
+            for W in layers:
+                grad = grad @ W
+            context = grad @ W_c
+        for _ in layers:  # each weight's gradient: one product over all positions
+            hidden.T @ hidden
+        contexts.T @ hidden, hidden.T @ contexts, hidden.T @ x, hidden @ W_x  # W_o, W_c, W_x; the embeddings
+    return products
 
 
 def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
@@ -158,17 +199,14 @@ def generation(model, context, steps, device):
     token = torch.zeros(1, dtype=torch.long, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i in range(steps + 2):
-        sync(device)
-        start = time.perf_counter()
+
+    def next_token():
+        nonlocal token, state
         logits, state = model.step(token, state)
         token = logits.argmax(-1)
-        sync(device)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
+    seconds = median_seconds(next_token, device, steps)
     memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss_bytes()
-    return statistics.median(times), state_bytes(state), memory
+    return seconds, state_bytes(state), memory
 
 
 def main(argv=None):
@@ -205,7 +243,7 @@ def main(argv=None):
     results["ratios"], results["targets_met"] = ratios_and_targets(results)
     print("\nratios")
     for key, value in results["ratios"].items():
-        print(f"  {key:<40}{value:>8.2f}")
+        print(f"  {key:<44}{value:>8.2f}")
     print("targets")
     for key, met in results["targets_met"].items():
         print(f"  [{'met' if met else 'NOT met'}] {key}")
@@ -234,11 +272,14 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
     defaults = train.parse_args([])
     torch.manual_seed(0)
     model = build_model("newllm", vocab_size=VOCAB, block_size=defaults.block_size, context_dim=256).to(device)
-    tokens = defaults.batch_size * defaults.block_size
-    forwards = {"as trained": None, "literal loop": lambda i, t: literal_seed_forward(model, i, t)}
-    turns = [{how: train_throughput(model, defaults.block_size, tokens, device, repeats, forward)
-              for how, forward in in_turn(forwards, r)} for r in range(rounds)]
-    first = {how: statistics.median(turn[how] for turn in turns) for how in forwards}
+    length, tokens = defaults.block_size, defaults.batch_size * defaults.block_size
+    products = step_products(model.config, defaults.batch_size, length, device)
+    ways = {"as trained": lambda: train_throughput(model, length, tokens, device, repeats),
+            "literal loop": lambda: train_throughput(model, length, tokens, device, repeats,
+                                                     lambda i, t: literal_seed_forward(model, i, t)),
+            "products only": lambda: tokens / median_seconds(products, device, repeats)}
+    turns = [{how: measure() for how, measure in in_turn(ways, r)} for r in range(rounds)]
+    first = {how: statistics.median(turn[how] for turn in turns) for how in ways}
     results["first_command"] = dict(first, batch=defaults.batch_size, length=defaults.block_size,
                                     params=count_params(model), rounds=turns)
     print(f"\nthe first command's model ({count_params(model):,} parameters, batch {defaults.batch_size} x "
@@ -271,6 +312,8 @@ def ratios_and_targets(results):
     growth = {name: {"state": rows[16384]["state_bytes"] / rows[1024]["state_bytes"] - 1,
                      "latency": paired_ratio(generated[name][16384], generated[name][1024]) - 1}
               for name, rows in results["generate"].items()}
+    against_literal_loop = lambda how: paired_ratio([turn[how] for turn in first["rounds"]],  # noqa: E731
+                                                    [turn["literal loop"] for turn in first["rounds"]])
     ratios = {
         "stack_vs_transformer_train_256": paired_ratio(s[256], t[256]),
         "stack_vs_transformer_train_2048": paired_ratio(s[2048], t[2048]),
@@ -281,8 +324,8 @@ def ratios_and_targets(results):
            for what in ("state", "latency")},
         **{f"{short}_vs_transformer_generate_16k": paired_ratio(generated["transformer"][16384], generated[name][16384])
            for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))},
-        "first_command_vs_literal_loop": paired_ratio([turn["as trained"] for turn in first["rounds"]],
-                                                      [turn["literal loop"] for turn in first["rounds"]]),
+        "first_command_vs_literal_loop": against_literal_loop("as trained"),
+        "first_command_products_only_vs_literal_loop": against_literal_loop("products only"),  # the ceiling
         "seed_vs_stack_train_128": paired_ratio(results["train_rounds"]["newllm-seed"][128], s[128]),
     }
     targets = {
@@ -323,7 +366,7 @@ def compiled_training(results, device, repeats, rounds, json_path):
     results["ratios"] = {f"{short}_vs_transformer_train_{n}": paired_ratio(rounds_by_model[name][n], t[n])
                          for n in lengths for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))}
     for key, value in results["ratios"].items():
-        print(f"  {key:<40}{value:>8.2f}")
+        print(f"  {key:<44}{value:>8.2f}")
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_path}")

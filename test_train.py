@@ -604,6 +604,26 @@ def test_bench_ratios_pair_the_measurements_of_each_round():
     assert bench.medians({256: fast_model})[256] / bench.medians({256: baseline})[256] == 3.0
 
 
+def test_bench_products_only_are_the_report_models_arithmetic():
+    """The bench's ceiling for the first command replays every matrix product of the report's model's training
+    step and nothing else: as many floating-point operations as the model's own forward and backward pass,
+    counted by PyTorch, with dropout on and with a different number of layers."""
+    import bench
+    from models import build_model
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    for layers in (2, 4):
+        model = build_model("newllm", vocab_size=11, block_size=12, embed_dim=8, context_dim=6, hidden_dim=10,
+                            layers=layers, dropout=0.1)
+        idx = torch.randint(11, (3, 12))
+        with FlopCounterMode(display=False) as step:
+            _, loss = model(idx, idx)
+            loss.backward()
+        with FlopCounterMode(display=False) as products:
+            bench.step_products(model.config, 3, 12, torch.device("cpu"))()
+        assert products.get_total_flops() == step.get_total_flops() > 0
+
+
 def test_bench_alternates_which_model_goes_first():
     import bench
     models = {"transformer": 1, "newllm-stack": 2, "matrix-stack": 3}
