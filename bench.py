@@ -19,8 +19,8 @@ only has to be long enough for the longest context measured):
 And the first command's model (`python train.py --arch newllm --context-dim 256`: the
 report's model at train.py's defaults) timed three ways: as trained (bptt.py's loop with its
 backward written out), as the literal step-by-step definition through autograd, and as its
-matrix products alone (the same shapes in the same order, nothing else: the fastest any
-implementation of this arithmetic could be).
+matrix products alone (the same shapes in the same order, nothing else: about the least
+time a step doing these float32 products could take).
 
 Training: tokens/s of forward + backward + AdamW step, the same number of
 tokens per step at every length (batch = tokens / length); the median step of
@@ -113,7 +113,9 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 def step_products(config, batch, length, device):
     """A function that does every matrix product of the report's model's training step (newllm.py, bptt.py),
-    the same shapes in the same order, and nothing else: no step doing this arithmetic can be faster."""
+    the same shapes in the same order, and nothing else: about the least time a step doing these products
+    can take. Only the shapes matter, so the inputs are random and the backward pass starts where the
+    forward pass ended."""
     E, C, H, V, rows = config.embed_dim, config.context_dim, config.hidden_dim, config.vocab_size, batch * length
     weight = lambda *shape: torch.randn(*shape, device=device) / shape[1] ** 0.5  # noqa: E731  (values stay finite)
     W_x, W_c, W_o, head = weight(H, E), weight(H, C), weight(C, H), weight(V, H)
@@ -122,7 +124,7 @@ def step_products(config, batch, length, device):
 
     def products():
         x @ W_x.T  # the token half of the first Linear
-        context = torch.randn(batch, C, device=device)
+        context = torch.randn(batch, C, device=device)  # any start (8k numbers: microseconds)
         for _ in range(length):  # forward, one position after another: W_c c, the layers, W_o h
             h = context @ W_c.T
             for W in layers:

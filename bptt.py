@@ -34,9 +34,10 @@ class ContextLoop(torch.autograd.Function):
     """masks: L tensors (T, B, H) of dropout's multipliers (0 or 1 / (1 - p)), or None; token_part P (T, B, H);
     W_c (H, C), then W_1, b_1, ..., W_{L-1}, b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position.
 
-    Every per-position tensor is kept one per layer, (T, B, H), not as one (L, T, B, H) block: at the default
-    sizes such a block is 32 MiB, more than glibc keeps for reuse (cli.py, reuse_freed_memory), so every step
-    would page the four such tensors in again: a tenth of the step or more (README, Speed)."""
+    Every per-position tensor (the h_l, the dropout masks, and in backward the multipliers D_l and the dz_l)
+    is kept one per layer, (T, B, H), not as one (L, T, B, H) block: at the default sizes such a block is
+    32 MiB, the size from which glibc stops keeping freed memory for reuse (cli.py, reuse_freed_memory), so
+    every step would page all four in again: a tenth of the step or more (README, Speed)."""
 
     @staticmethod
     def forward(ctx, masks, token_part, context_weight, *weights):

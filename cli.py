@@ -37,10 +37,11 @@ def reuse_freed_memory():
 
     A training step allocates and frees the same large activations every step. By default
     glibc returns blocks that large to the system, and getting them back costs a page fault
-    per 4 KiB the next time they are written: about a quarter of the vector stack's CPU step
-    on the machine of the README's speed section (torch.profiler), little of the Transformer's. PyTorch's
-    CPU performance guide gets the same by preloading jemalloc or tcmalloc. Elsewhere (macOS,
-    musl, Windows) this does nothing.
+    per 4 KiB the next time they are written: about a quarter of the vector stack's CPU step on the
+    earlier machine of the README's speed section (torch.profiler), little of the Transformer's. Blocks of
+    32 MiB and more always go back (the most glibc allows), so no tensor of a training step should reach
+    that size. PyTorch's CPU performance guide gets the same by preloading jemalloc or tcmalloc.
+    Elsewhere (macOS, musl, Windows) this does nothing.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
