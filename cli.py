@@ -82,12 +82,13 @@ def hardware(device):
         return f"1x {torch.cuda.get_device_name(device)}"
     if device.type == "mps":
         return "Apple GPU (mps)"
-    name = "CPU"
-    try:  # the first processor's block of /proc/cpuinfo (Linux); a model name alone can cover several generations
+    try:  # the first processor's block of /proc/cpuinfo (Linux)
         first = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
-        info = dict((key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in first.splitlines()))
-        name = f"{info['model name']} (family {info['cpu family']}, model {info['model']}"
-        name += ", AVX-512)" if "avx512f" in info.get("flags", "").split() else ")"
-    except (OSError, KeyError):
-        pass
+    except OSError:
+        first = ""
+    info = dict((key.strip(), value.strip()) for key, _, value in (line.partition(":") for line in first.splitlines()))
+    name = info.get("model name", "CPU")
+    if "cpu family" in info:  # a model name alone can cover several generations
+        avx512 = ", AVX-512" if "avx512f" in info.get("flags", "").split() else ""
+        name += f" (family {info['cpu family']}, model {info.get('model', '?')}{avx512})"
     return f"{torch.get_num_threads()} threads of {name}"
