@@ -65,7 +65,7 @@ def delta_rule_loop(q, k, v, beta, log_alpha=None):
     return torch.stack(outs, dim=2)                                 # (B, nh, T, dv)
 
 
-@torch.compiler.disable  # as scan.parallel_scan: torch.compile would unroll the loop over chunks
+@torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
 def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=CHUNK):
     """The same result as delta_rule_loop, a chunk of positions at a time.
 

@@ -3,8 +3,9 @@ The vector context's recurrence, c_t = a_t * c_{t-1} + b_t (c_0 = 0), for every 
 the loop that defines it, and the chunked form that training runs (stack.py's vector mixer).
 
     sequential_scan   the definition, one position at a time: T steps
-    parallel_scan     the same numbers, a chunk of 16 positions at a time: T/16 steps; its
-                      gradient is a scan run from the end, the same way (ParallelScan)
+    parallel_scan     the same numbers, a chunk of 16 positions at a time, the chunks then joined
+                      in log2(T/16) rounds; its gradient is a scan run from the end, the same
+                      way (ParallelScan)
 
 Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
 
@@ -45,9 +46,9 @@ def chunked_scan(log_a, b):
     Inside a chunk, with positions t = 1 .. Q, A_t = sum_{r<=t} log a_r counted from the
     chunk's start, growth_t = exp(A_t) and c_in the value carried in from the chunk before,
         c_t = growth_t * (c_in + sum_{s<=t} b_s / growth_s)
-    is two cumulative sums. Then a short loop over the chunk ends carries c from one chunk
-    into the next. Values only: ParallelScan calls it with autograd off, so the in-place steps
-    (fewer passes over memory) are safe.
+    is two cumulative sums. Then across_chunks carries c from one chunk into the next: the
+    same recurrence, one level up, over the chunk ends. Values only: ParallelScan calls it with
+    autograd off, so the in-place steps (fewer passes over memory) are safe.
     """
     B, T, C = b.shape
     growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64: decay from the chunk's start to t
@@ -69,7 +70,7 @@ class ParallelScan(torch.autograd.Function):
     where g_in = a_{Q+1} g_{Q+1} comes in from the next chunk's first position. With total_i chunk
     i's whole sum (its s >= 1 sum) and decay_i its growth_Q, g_in_i = total_{i+1} + decay_{i+1} g_in_{i+1},
     and 0 after the last chunk: a sum towards each chunk's end (a product with a triangle of ones)
-    and a short loop over the chunks, last chunk first.
+    and the recurrence over the chunks, last chunk first (across_chunks).
     """
 
     @staticmethod
@@ -90,11 +91,9 @@ class ParallelScan(torch.autograd.Function):
         return (g * (c - b) if ctx.needs_input_grad[0] else None), g
 
 
-@torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
 def parallel_scan(log_a, b):
     """The same result as sequential_scan, a chunk of positions at a time (ParallelScan: forward and backward),
-    for log_a >= log(MIN_KEEP), which stack.py's gate floors guarantee. Under torch.compile it stays eager;
-    the gates and the read-out around it are still compiled."""
+    for log_a >= log(MIN_KEEP), which stack.py's gate floors guarantee."""
     return ParallelScan.apply(log_a, b)
 
 
@@ -121,10 +120,20 @@ def sums_within_chunks(x, to_end=False):
 
 def across_chunks(ends, decay, last_first=False):
     """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1},
-    or, last_first, x_{n-1} = 0 and x_i = ends_{i+1} + decay_{i+1} x_{i+1}. ends, decay: (B, n, C)."""
-    ends, decay = ends.unbind(1), decay.unbind(1)
-    order = range(len(ends) - 1, 0, -1) if last_first else range(len(ends) - 1)
-    carried = [torch.zeros_like(ends[0])]
-    for i in order:
-        carried.append(torch.addcmul(ends[i], decay[i], carried[-1]))
-    return torch.stack(carried[::-1] if last_first else carried, dim=1)
+    or, last_first, x_{n-1} = 0 and x_i = ends_{i+1} + decay_{i+1} x_{i+1}. ends, decay: (B, n, C).
+
+    The same recurrence as the scan's, one level up, solved by doubling: after the round with `span`, y_i sums
+    the last 2 * span chunks up to chunk i, each times the decay from it to i, and a_i is the decay across all
+    2 * span. log2(n) rounds of whole-tensor operations instead of n steps of one chunk each (and so nothing
+    for torch.compile to unroll), and no division, so nothing can overflow however small the decays (a
+    chunk's can be e^-64)."""
+    if last_first:
+        return across_chunks(ends.flip(1), decay.flip(1)).flip(1)
+    y, a = ends, decay
+    span = 1
+    while span < y.size(1):
+        # y_i = y_i + a_i y_{i-span} and a_i = a_i a_{i-span}, for every i >= span at once
+        y = torch.cat([y[:, :span], torch.addcmul(y[:, span:], a[:, span:], y[:, :-span])], dim=1)
+        a = torch.cat([a[:, :span], a[:, span:] * a[:, :-span]], dim=1)
+        span *= 2
+    return F.pad(y[:, :-1], (0, 0, 1, 0))  # carried into chunk i: everything up to chunk i - 1
