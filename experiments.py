@@ -6,7 +6,7 @@ The project's experiments: one command each, writing results/<study>.md, .json a
     python experiments.py seed-sentences                                    # the same on the report's own 30 sentences
     python experiments.py recall [--budget quick|full]                      # associative recall against state size
     python experiments.py lr-sweep [--budget quick|full]                    # each model's best learning rate (scaling.py)
-    python experiments.py scaling                                           # longer training, larger size (scaling.py)
+    python experiments.py scaling [--second-data PATH]                      # longer training, larger size (scaling.py)
 
 Every row is an ordinary train.py run in runs/experiments/<study>-<budget>/<row>.
 A finished row is never trained again and an interrupted one resumes, so

@@ -269,7 +269,8 @@ def build_parser():
     p = Parser(prog="train.py", description="Train New-LLM, the context stack or a Transformer.")
     bool_flag = argparse.BooleanOptionalAction
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="shakespeare", help="'shakespeare' (downloaded once), 'recall', or a UTF-8 text file")
+    g.add_argument("--data", default="shakespeare",
+                   help="'shakespeare' or 'seed-sentences' (downloaded once), 'recall', or a UTF-8 text file")
     g.add_argument("--tokenizer", default="char", choices=["char", "word"], help="characters, or lower-cased whitespace words")
     g.add_argument("--vocab-size", type=int, default=1000, help="word tokenizer: entries including <PAD> <UNK> <BOS> <EOS>")
     g.add_argument("--sentences", action=bool_flag, default=False, help="one line per sequence, padded (the report's setup)")

@@ -82,8 +82,8 @@ def rows_padded(linear, extra):
 class MLP(nn.Module):
     """Linear(E, H) -> GELU -> Linear(H, E).
 
-    Matrix products run fastest when H is a multiple of 16: on the CPU of the README's speed
-    section, forward and backward over 32 x 256 positions at E = 128 took 72 ms at width 524
+    Matrix products run fastest when H is a multiple of 16: on the earlier machine of the README's
+    speed section, forward and backward over 32 x 256 positions at E = 128 took 72 ms at width 524
     (a width chosen to match parameter counts), 61 ms at 512, and 63 ms for width 524
     computed as 528. So a width that is not a multiple of 16 is computed as the next one, with
     zero weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the
@@ -148,7 +148,7 @@ class TransformerConfig:
     heads: int = 4                    # nh: attention heads; must divide E
     layers: int = 3                   # blocks
     hidden_dim: Optional[int] = None  # H: MLP width; 4E when not given
-    dropout: float = 0.1              # on attention weights and on each residual branch
+    dropout: float = 0.1              # on the embeddings, the attention weights and each residual branch
     post_norm: bool = False           # LayerNorm after each residual sum (the report's layout)
     init: str = "gpt2"                # "gpt2": N(0, 0.02) (nanoGPT's); "torch": PyTorch's defaults
 
