@@ -359,7 +359,9 @@ def compiled_training(results, device, repeats, rounds, json_path):
     names = ("transformer", "newllm-stack", "matrix-stack")
     models = {name: make(name, max(lengths), device) for name in names}
     entries = {**models, **{name + EAGER: models[name] for name in names}}
-    forwards = {**{name: torch.compile(model) for name, (model, _) in models.items()},
+    # dynamic=False: a graph of its own for each length, as a training run (one block size) gets; by default
+    # the second length would recompile into one graph for any length, slower here (README, Speed)
+    forwards = {**{name: torch.compile(model, dynamic=False) for name, (model, _) in models.items()},
                 **{name + EAGER: None for name in names}}  # None: call the model itself
     rounds_by_entry = results["train_rounds"] = take_turns(entries, {name: lengths for name in entries},
                                                            results["tokens_per_step"], device, repeats, rounds, forwards)
