@@ -5,7 +5,7 @@ length, for the Transformer and New-LLM at matched parameter counts.
 
     python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
     python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~5 minutes)
-    python bench.py --compile --json results/bench_compiled.json           # torch.compile (3 to 4 minutes)
+    python bench.py --compile --json results/bench_compiled.json           # compiled and eager (about 3 minutes)
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -219,8 +219,8 @@ def main(argv=None):
     parser.add_argument("--plot", help="also draw generation memory and latency against context length (PNG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the three models and time training at lengths 256 and 2048 only "
-                             "(3 to 4 minutes on a 2-core CPU, compiling included)")
+                        help="time training of the three models compiled and eager, at lengths 256 and 2048 only "
+                             "(about 3 minutes on a 2-core CPU, compiling included)")
     args = parser.parse_args(argv)
     for path in filter(None, (args.json, args.plot)):  # refuse now, not after minutes of measuring
         if not Path(path).resolve().parent.is_dir():

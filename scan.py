@@ -4,7 +4,7 @@ the loop that defines it, and the chunked form that training runs (stack.py's ve
 
     sequential_scan   the definition, one position at a time: T steps
     parallel_scan     the same numbers, a chunk of 16 positions at a time, the chunks then joined
-                      in log2(T/16) rounds; its gradient is a scan run from the end, the same
+                      in ceil(log2(n)) rounds; its gradient is a scan run from the end, the same
                       way (ParallelScan)
 
 Glossary: B batch, T positions, C channels, Q = CHUNK positions per chunk, n = ceil(T / Q).
@@ -122,9 +122,10 @@ def across_chunks(ends, decay, last_first=False):
     """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1},
     or, last_first, x_{n-1} = 0 and x_i = ends_{i+1} + decay_{i+1} x_{i+1}. ends, decay: (B, n, C).
 
-    The same recurrence as the scan's, one level up, solved by doubling: after the round with `span`, y_i sums
-    the last 2 * span chunks up to chunk i, each times the decay from it to i, and a_i is the decay across all
-    2 * span. log2(n) rounds of whole-tensor operations instead of n steps of one chunk each (and so nothing
+    The same recurrence as the scan's, one level up, solved by doubling. After the round with `span` = s,
+        y_i = sum_{j = i-2s+1 .. i} decay_{j+1} ... decay_i * ends_j    and    a_i = decay_{i-2s+1} ... decay_i
+    (indices below 0 left out), so once 2s >= n, y_i sums every chunk up to i: y_i = x_{i+1}.
+    ceil(log2(n)) rounds of whole-tensor operations instead of n steps of one chunk each (and so nothing
     for torch.compile to unroll), and no division, so nothing can overflow however small the decays (a
     chunk's can be e^-64)."""
     if last_first:

@@ -149,7 +149,7 @@ def test_compiled_model_equals_eager(name):
     stays eager) and changes no number.
     The "eager" backend runs dynamo's tracing without generating code, so this stays fast."""
     model = tiny(name).double()
-    idx = torch.randint(V, (2, 77))  # 5 chunks of the scan, 3 of the delta rule: the joins between them are traced
+    idx = torch.randint(V, (2, 77))  # 5 chunks of the scan: the joins between them are traced (the delta rule's stay eager)
     assert_same_loss_and_gradients(loss_and_gradients(model, model, idx),
                                    loss_and_gradients(model, torch.compile(model, backend="eager"), idx))
     if name.startswith("stack"):  # nothing left out of the graph
