@@ -44,6 +44,7 @@ import torch
 import train
 from cli import Parser, UserError, hardware, pick_device, run_script
 from models import build_model, count_params, state_bytes
+from plot import check_image_path
 from presets import model_settings
 
 MODELS = {
@@ -223,8 +224,12 @@ def main(argv=None):
                              "(about 3 minutes on a 2-core CPU, compiling included)")
     args = parser.parse_args(argv)
     for path in filter(None, (args.json, args.plot)):  # refuse now, not after minutes of measuring
-        if not Path(path).resolve().parent.is_dir():
-            raise UserError(f"cannot write {path}: its folder does not exist")
+        if not Path(path).resolve().parent.is_dir() or Path(path).is_dir():
+            raise UserError(f"cannot write {path}: its folder does not exist, or it is a folder")
+    if args.plot:
+        if args.compile:
+            raise UserError("--plot draws generation, which --compile does not measure: drop one of them")
+        check_image_path(args.plot)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
     torch.manual_seed(0)

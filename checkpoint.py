@@ -17,14 +17,14 @@ writers at random moments to show that nothing is ever half-written.
 """
 
 import os
-import pickle
-import zipfile
+import re
 from pathlib import Path
 
 import torch
 
 from cli import UserError
 
+LEFTOVER = re.compile(r".+\.(pt|json|jsonl)\.\d+\.tmp")  # atomic_write's temporary names for a run's files
 FORMAT = 2  # format 1 (no number) kept both New-LLM models under arch "newllm"; models.py converts it
 
 try:  # the lock: flock on POSIX, a locked byte on Windows; either is released by the OS when a process dies
@@ -74,8 +74,10 @@ def load_checkpoint(path, map_location="cpu"):
         raise UnreadableCheckpoint(f"no checkpoint at {path}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as error:
+    except Exception as error:  # whatever torch.load trips over in a file that is not a whole checkpoint
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        if "Weights only load failed" in reason:  # torch's advice about its own settings would mislead here
+            reason = "torch.load refused its contents"
         raise UnreadableCheckpoint(f"checkpoint {path} is damaged or not a checkpoint ({reason})") from None
     if not isinstance(checkpoint, dict) or not {"arch", "model_config", "model", "tokenizer"} <= checkpoint.keys():
         raise UserError(f"{path} is not a New-LLM lab checkpoint")
@@ -105,8 +107,9 @@ class FolderLock:
         self.handle.truncate()
         self.handle.write(str(os.getpid()))
         self.handle.flush()
-        for leftover in Path(out_dir).glob("*.tmp"):  # half-written files of a killed run; nobody else writes here
-            leftover.unlink()
+        for leftover in Path(out_dir).glob("*.tmp"):  # half-written files of a killed run (atomic_write's names)
+            if LEFTOVER.fullmatch(leftover.name):
+                leftover.unlink()
 
     def release(self):
         self.handle.close()

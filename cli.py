@@ -30,6 +30,13 @@ def run_script(main, io_note=""):
     except OSError as error:
         print(f"error: {error.strerror or error} ({error.filename or 'I/O'}){io_note}", file=sys.stderr)
         sys.exit(1)
+    except (MemoryError, RuntimeError) as error:  # a size too large for this machine is a user's choice too
+        message = str(error)
+        if not isinstance(error, MemoryError) and "allocate" not in message and "out of memory" not in message:
+            raise  # anything else is a bug: keep its traceback
+        print(f"error: out of memory ({message.splitlines()[0][:160] if message else 'MemoryError'}); "
+              "try a smaller --batch-size, --block-size or model", file=sys.stderr)
+        sys.exit(2)
 
 
 def reuse_freed_memory():

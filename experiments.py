@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import train
 from checkpoint import load_checkpoint
-from cli import Parser, hardware, pick_device, run_script
+from cli import Parser, UserError, hardware, pick_device, run_script
 from data import RecallTask, load_dataset
 from models import build_model, count_params, model_from_checkpoint, state_size
 from plot import plot_runs
@@ -76,14 +76,15 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         earlier results, such as the hybrid, can change) does not count."""
         summary_path = study_dir / slug(row.name) / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
-        return summary if summary and summary.get("command") == command_of(row) else None
+        same = summary and without_device(summary.get("command", "").split()) == without_device(command_of(row).split())
+        return summary if same else None
 
     def finished(row):
-        """The row's summary if it was trained already (here, or on another machine), else None;
+        """The row's summary if it was trained already (here, or on another machine, on any device), else None;
         its numbers are kept, its labels come from today's rows."""
         if here := trained_here(row):
             return dict(here, **labels_of(row))
-        if kept.get(row.name, {}).get("flags") == flags_of(row):
+        if without_device(kept.get(row.name, {}).get("flags", [])) == without_device(flags_of(row)):
             return dict(kept[row.name], **labels_of(row))
         return None
 
@@ -118,6 +119,13 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         if after_each:  # everything finished so far, including later rows trained in an earlier sitting
             after_each(summaries + [s for s in map(finished, rows[i + 1:]) if s])
     return summaries
+
+
+def without_device(flags):
+    """A run's flags less `--device X`: where a row ran does not make it another row."""
+    flags = list(flags)
+    at = flags.index("--device") if "--device" in flags else None
+    return flags if at is None else flags[:at] + flags[at + 2:]
 
 
 def results_name(study, data):
@@ -674,8 +682,15 @@ def main(argv=None):
     parser.add_argument("--second-data", default="data/lcet10.txt", help="scaling: the second text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
+    for flag, default in (("data", "shakespeare"), ("budget", "quick")):
+        if flag in FIXED_SETTINGS.get(args.study, ()) and getattr(args, flag) != default:
+            raise UserError(f"the {args.study} study fixes its own --{flag}: run it without --{flag}")
     device = pick_device(args.device)
     STUDIES[args.study](args, device)
+
+
+# what a study decides for itself: asked for anything else, it would silently run its own setting
+FIXED_SETTINGS = {"seed-sentences": ("data", "budget"), "recall": ("data",), "scaling": ("data", "budget")}
 
 
 def settle_the_headline(name):

@@ -24,11 +24,28 @@ def read_run(run_dir):
     config_path, log_path = run_dir / "config.json", run_dir / "log.jsonl"
     if not config_path.is_file() or not log_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (it needs config.json and log.jsonl)")
-    config = json.loads(config_path.read_text())
-    log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    try:
+        config = json.loads(config_path.read_text())
+        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{run_dir} has a file that cannot be read ({error})") from None
     if not log:
         raise UserError(f"{log_path} has no evaluations yet")
+    if not all({"step", "time_s", "val_loss", "train_loss"} <= record.keys() for record in log) \
+            or not {"arch", "params"} <= config.keys():
+        raise UserError(f"{run_dir} was not written by train.py")
     return config, log
+
+
+def check_image_path(path):
+    """Refuse, before any work, an output image matplotlib cannot write or a folder that does not exist."""
+    path = Path(path)
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close("all")
+    if path.suffix[1:].lower() not in formats:
+        raise UserError(f"cannot write {path}: name it .png, .svg or .pdf (or another of {', '.join(sorted(formats))})")
+    if not path.resolve().parent.is_dir():
+        raise UserError(f"cannot write {path}: its folder does not exist")
 
 
 def run_label(run_dir, config):
@@ -89,6 +106,7 @@ def main(argv=None):
     parser.add_argument("--title", help="a title over both panels")
     parser.add_argument("--table", action="store_true", help="also print a markdown table of the runs")
     args = parser.parse_args(argv)
+    check_image_path(args.out)
     plot_runs(args.runs, args.out, args.title)
     print(f"wrote {args.out}")
     if args.table:

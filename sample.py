@@ -6,6 +6,8 @@ New-LLM and the stack carry their fixed-size context, the Transformer its growin
     python sample.py --ckpt runs/transformer/ckpt.pt --prompt "ROMEO:" --temperature 0.8 --top-k 20
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -67,8 +69,11 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=1337, help="random seed")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
-    if args.tokens < 0 or args.temperature <= 0 or (args.top_k is not None and args.top_k < 1):
-        raise UserError("--tokens must be >= 0, --temperature > 0 and --top-k >= 1")
+    if args.tokens < 0 or not args.temperature > 0 or math.isinf(args.temperature) or args.num_samples < 1 \
+            or (args.top_k is not None and args.top_k < 1):
+        raise UserError("--tokens must be >= 0, --temperature a positive number, --num-samples and --top-k >= 1")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
 
     device = pick_device(args.device)
     checkpoint = load_checkpoint(args.ckpt, map_location=device)

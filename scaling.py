@@ -25,7 +25,7 @@ from checkpoint import load_checkpoint
 from cli import UserError
 from data import load_dataset
 from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, improvement_rows, kept_rows,
-                         mean_spread, run_rows, write_results)
+                         mean_spread, results_name, run_rows, write_results)
 from models import model_from_checkpoint
 
 # The models compared, by the improvements study's row that defines each (same flags, same parameters).
@@ -57,15 +57,16 @@ def study_lr_sweep(args, device):
     many_heads_flags = models.pop(many_heads)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
-    kept, started = kept_rows("lr-sweep")
+    name = results_name("lr-sweep", args.data)  # another text's sweep never replaces Tiny Shakespeare's
+    kept, started = kept_rows(name)
 
     def write(summaries):
-        write_sweep(summaries, grid, args, device, target, started)
+        write_sweep(name, summaries, grid, args, device, target, started)
 
     while True:  # a model whose best rate is at an edge of its grid gets the next rate beyond that edge
         rows = [Row(f"{name}, lr {lr:g}", [*flags, "--lr", f"{lr:g}"], group=name, extra={"model": name, "lr": lr})
                 for name, flags in models.items() for lr in grid[name]]
-        summaries = run_rows("lr-sweep", args.budget, rows, common, kept, write, may_diverge=True)
+        summaries = run_rows(name, args.budget, rows, common, kept, write, may_diverge=True)
         widened = False
         for name, best in best_rates(summaries).items():
             rates = grid[name]
@@ -78,7 +79,7 @@ def study_lr_sweep(args, device):
         if not widened:
             break
     rows += second_seed_rows(models, best_rates(summaries), many_heads, many_heads_flags)
-    write(run_rows("lr-sweep", args.budget, rows, common, kept, write))
+    write(run_rows(name, args.budget, rows, common, kept, write))
 
 
 def second_seed_rows(models, best, many_heads, many_heads_flags):
@@ -107,7 +108,7 @@ def swept(summaries):
     return [s for s in summaries if "seed" not in s["extra"]]
 
 
-def write_sweep(summaries, grid, args, device, target, started):
+def write_sweep(name, summaries, grid, args, device, target, started):
     best = best_rates(summaries)
     rates = sorted({lr for lrs in grid.values() for lr in lrs})
     cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in swept(summaries)}
@@ -135,8 +136,8 @@ def write_sweep(summaries, grid, args, device, target, started):
                  "so every best rate printed here has a worse rate on both sides unless the grid's limit "
                  f"of {MOST_RATES} rates was reached. One seed per cell (1337).\n")
     lines += second_seed_table(summaries, cell, best)
-    lines.append("![sweep](lr-sweep.png)\n")
-    figure = RESULTS / "lr-sweep.png"
+    lines.append(f"![sweep]({name}.png)\n")
+    figure = RESULTS / f"{name}.png"
     RESULTS.mkdir(exist_ok=True)
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for model in grid:
@@ -158,7 +159,7 @@ def write_sweep(summaries, grid, args, device, target, started):
     fig.tight_layout()
     fig.savefig(figure, dpi=120)
     plt.close(fig)
-    write_results("lr-sweep", "\n".join(lines) + "\n", {"budget": args.budget, "started": started,
+    write_results(name, "\n".join(lines) + "\n", {"budget": args.budget, "started": started,
                                                         "best_lr": best, "rows": summaries}, [figure])
 
 

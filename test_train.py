@@ -136,6 +136,12 @@ def test_bad_corpus_files(tmp_path, content, fragment):
     (["--arch", "stack", "--mixer", "matrix", "--key-dim", "0"], "must be positive"),
     (["--batch-size", "0"], "must be positive"),
     (["--max-iters", "ten"], "invalid int value"),
+    (["--epochs", "0"], "--epochs must be positive"),
+    (["--eval-interval", "-1"], "--eval-interval must be 0 or more"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
+    (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
+    (["--seed", str(2**70)], "--seed must be in"),
 ])
 def test_bad_flags(corpus, tmp_path, flags, fragment):
     assert_one_line_error(run("train.py", "--data", corpus, "--out-dir", tmp_path / "run", *flags), fragment)
@@ -174,8 +180,45 @@ def test_resume_bad_checkpoints(trained_run, corpus, tmp_path):
     assert_one_line_error(run("train.py", "--out-dir", damaged, "--resume"), "No intact checkpoint is left")
 
 
+def test_unreadable_run_files_are_one_line(trained_run, tmp_path):
+    """A log cut short mid-line (a full disk) or a config.json written by something else: one line, for
+    --resume and for plot.py alike; and an image name matplotlib cannot write is refused before drawing."""
+    run_dir = tmp_path / "cut"
+    shutil.copytree(trained_run, run_dir)
+    with open(run_dir / "log.jsonl", "a") as f:
+        f.write('{"step": 9, "val_lo')
+    assert_one_line_error(run("train.py", "--out-dir", run_dir, "--resume"), "cannot be read")
+    assert_one_line_error(run("plot.py", run_dir), "cannot be read")
+    (run_dir / "config.json").write_text('{"model_type": "gpt2"}')
+    assert_one_line_error(run("train.py", "--out-dir", run_dir, "--resume"), "was not written by train.py")
+    assert_one_line_error(run("plot.py", trained_run, "-o", tmp_path / "curves.xyz"), "name it .png")
+
+
+def test_random_bytes_are_never_a_traceback(tmp_path):
+    """Whatever torch.load trips over in a file that is not a checkpoint, the user reads one line."""
+    rng = random.Random(0)
+    for i in range(40):
+        path = tmp_path / f"junk{i}.pt"
+        path.write_bytes(bytes(rng.randrange(256) for _ in range(2000)))
+        with pytest.raises(UserError):
+            load_checkpoint(path)
+
+
+def test_run_script_turns_an_allocation_failure_into_one_line():
+    def main():
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory")
+    err = io.StringIO()
+    with redirect_stderr(err), pytest.raises(SystemExit) as exit:
+        run_script(main)
+    assert exit.value.code == 2 and err.getvalue().startswith("error: out of memory") and err.getvalue().count("\n") == 1
+    with pytest.raises(RuntimeError):  # any other RuntimeError is a bug, and keeps its traceback
+        run_script(lambda: (_ for _ in ()).throw(RuntimeError("shape mismatch")))
+
+
 def test_sample_bad_inputs(trained_run, tmp_path):
     ckpt = trained_run / "ckpt.pt"
+    assert_one_line_error(run("sample.py", "--ckpt", ckpt, "--num-samples", "0"), "--num-samples")
+    assert_one_line_error(run("sample.py", "--ckpt", ckpt, "--temperature", "nan"), "--temperature")
     assert_one_line_error(run("sample.py", "--ckpt", tmp_path / "none.pt"), "no checkpoint")
     assert_one_line_error(run("sample.py", "--ckpt", ckpt, "--prompt", "Zebra!"), "not in the vocabulary")
     assert_one_line_error(run("sample.py", "--ckpt", ckpt, "--prompt", "to be " * 10), "reads at most")
@@ -369,6 +412,20 @@ def test_a_full_disk_mid_write_keeps_the_previous_checkpoints(trained_run, tmp_p
     assert load_checkpoint(copy / "last.pt")["step"] == 4 and not list(copy.glob("*.tmp"))
 
 
+def test_a_refused_run_touches_no_file_of_the_folder(trained_run, corpus, tmp_path):
+    """A run refused for a folder that holds another run leaves the files there as they were, a user's own
+    .tmp files included: taking the folder's lock clears only atomic_write's leftovers of a killed run."""
+    copy = copy_run(trained_run, tmp_path / "run")
+    (copy / "draft.tmp").write_text("mine")
+    (copy / "last.pt.4242.tmp").write_bytes(b"half a checkpoint")
+    before = {path.name: path.read_bytes() for path in copy.iterdir() if path.name != ".lock"}
+    assert_one_line_error(run("train.py", "--data", corpus, "--out-dir", copy, *TINY), "already holds a run")
+    assert (copy / "draft.tmp").read_text() == "mine"
+    FolderLock(copy).release()
+    assert not (copy / "last.pt.4242.tmp").exists() and (copy / "draft.tmp").exists()
+    assert all((copy / name).read_bytes() == data for name, data in before.items() if name != "last.pt.4242.tmp")
+
+
 def test_divergence_stops_and_keeps_the_best_checkpoint(corpus, tmp_path):
     out = tmp_path / "diverged"
     result = run("train.py", "--data", corpus, "--out-dir", out, "--lr", "1e30", "--warmup-iters", "0",
@@ -503,8 +560,18 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     # on another machine (no runs/ folder), the summaries committed in results/ stand for the finished rows
     shutil.rmtree(tmp_path / "runs")
     assert experiments.run_rows(name, "quick", rows, common, kept=first) == first
+    # where a row ran is not part of what it is: another --device does not make a finished row new
+    assert experiments.run_rows(name, "quick", rows, [*common, "--device", "cpu"], kept=first) == first
     with pytest.raises(pytest.fail.Exception):  # other flags: the kept numbers do not stand for this row
         experiments.run_rows(name, "quick", changed, common, kept=first)
+
+
+def test_a_study_refuses_the_settings_it_fixes_itself(corpus):
+    """Asked for a text or a budget it does not use, a study would run its own and write over its results."""
+    import experiments
+    assert_one_line_error(run("experiments.py", "recall", "--data", corpus), "fixes its own --data")
+    assert_one_line_error(run("experiments.py", "scaling", "--budget", "full"), "fixes its own --budget")
+    assert experiments.results_name("lr-sweep", str(corpus)) == "lr-sweep-corpus"  # another text's sweep
 
 
 def test_scaling_readings_say_where_each_seed_crosses_its_own_transformer():

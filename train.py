@@ -355,12 +355,40 @@ def parse_args(argv):
         config_path = Path(args.out_dir) / "config.json"
         if not config_path.is_file():
             raise UserError(f"nothing to resume: {config_path} does not exist")
-        saved = json.loads(config_path.read_text())["args"]
+        saved = read_json(config_path).get("args")
+        if not isinstance(saved, dict):
+            raise UserError(f"{config_path} was not written by train.py: nothing to resume")
         if "--arch" in (argv if argv is not None else sys.argv[1:]) and args.arch != saved["arch"]:
             raise UserError(f"{args.out_dir} holds a {saved['arch']} run, but --arch {args.arch} was asked for")
         parser.set_defaults(**{k: v for k, v in saved.items() if k not in ONE_OFF_FLAGS})
         args = parser.parse_args(argv)
+    check_training_flags(args)
     return args
+
+
+def check_training_flags(args):
+    """The optimiser's and the schedule's settings, checked before anything is built or written."""
+    if args.epochs is not None and not args.epochs > 0:
+        raise UserError(f"--epochs must be positive (got {args.epochs})")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UserError(f"--lr must be a positive number (got {args.lr})")
+    if not 0 <= args.beta2 < 1:
+        raise UserError(f"--beta2 must be in [0, 1) (got {args.beta2})")
+    if not 0 <= args.seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
+    for name in ("weight_decay", "grad_clip", "warmup_iters", "eval_interval"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
+
+
+def read_json(path):
+    """A JSON file of a run's folder; one that cannot be read (cut short by a full disk, edited) is a UserError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read ({error}); restore it or start the run again with --overwrite") \
+            from None
 
 
 MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
@@ -493,7 +521,10 @@ def trim_log(path, step):
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+    try:
+        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UserError(f"{path} has a line that cannot be read; remove it, then resume") from None
     atomic_write(path, lambda f: f.write(kept.encode()))
 
 
