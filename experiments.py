@@ -1,11 +1,12 @@
 """
-The project's experiments: one command each, writing results/<study>.md, .json and .png.
+The project's experiments: one command each, writing results/<study>.md, .json and .png
+(results/<study>-<text>.* when --data names another text).
 
     python experiments.py seed [--budget quick|full] [--data PATH]          # the seed report's table, on real text
     python experiments.py improvements [--budget quick|full] [--data PATH]  # the report's fixes, one at a time
     python experiments.py seed-sentences                                    # the same on the report's own 30 sentences
     python experiments.py recall [--budget quick|full]                      # associative recall against state size
-    python experiments.py lr-sweep [--budget quick|full]                    # each model's best learning rate (scaling.py)
+    python experiments.py lr-sweep [--budget quick|full] [--data PATH]      # each model's best learning rate (scaling.py)
     python experiments.py scaling [--second-data PATH]                      # longer training, larger size (scaling.py)
 
 Every row is an ordinary train.py run in runs/experiments/<study>-<budget>/<row>.
