@@ -223,9 +223,9 @@ def main(argv=None):
                         help="time training of the three models compiled and eager, at lengths 256 and 2048 only "
                              "(about 3 minutes on a 2-core CPU, compiling included)")
     args = parser.parse_args(argv)
-    for path in filter(None, (args.json, args.plot)):  # refuse now, not after minutes of measuring
-        if not Path(path).resolve().parent.is_dir() or Path(path).is_dir():
-            raise UserError(f"cannot write {path}: its folder does not exist, or it is a folder")
+    # refuse now, not after minutes of measuring
+    if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
+        raise UserError(f"cannot write {args.json}: its folder does not exist, or it is a folder")
     if args.plot:
         if args.compile:
             raise UserError("--plot draws generation, which --compile does not measure: drop one of them")

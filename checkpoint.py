@@ -16,6 +16,7 @@ Used by train.py (writing), sample.py and experiments.py (reading); test_train.p
 writers at random moments to show that nothing is ever half-written.
 """
 
+import json
 import os
 import re
 from pathlib import Path
@@ -57,6 +58,25 @@ def atomic_write(path, write):
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_json(path):
+    """A run's config.json or summary.json; one that cannot be read (cut short by a full disk, edited) is a
+    UserError."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} cannot be read ({error}); restore it, or start the run again with --overwrite") \
+            from None
+
+
+def read_log(path):
+    """A run's log.jsonl, one evaluation per line (train.log_line appends them); a line that cannot be read (a
+    write cut short) is a UserError."""
+    try:
+        return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserError(f"{path} has a line that cannot be read ({error}); remove it, then go on") from None
 
 
 class UnreadableCheckpoint(UserError):

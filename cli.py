@@ -59,6 +59,12 @@ def reuse_freed_memory():
     libc.mallopt(m_trim_threshold, 2**31 - 1)  # and freed memory stays there
 
 
+def check_seed(seed):
+    """torch.manual_seed takes 0 .. 2**63 - 1 here; anything else would end in a traceback."""
+    if not 0 <= seed < 2**63:
+        raise UserError(f"--seed must be in [0, 2**63) (got {seed})")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one UserError line instead of a usage screen."""
 

@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, read_json, read_log
 from cli import Parser, UserError, hardware, pick_device, run_script
 from data import RecallTask, load_dataset
 from models import build_model, count_params, model_from_checkpoint, state_size
@@ -76,7 +76,7 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         """The summary of the row's run in study_dir, or None; a run with other flags (a row that depends on
         earlier results, such as the hybrid, can change) does not count."""
         summary_path = study_dir / slug(row.name) / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+        summary = read_json(summary_path) if summary_path.exists() else None
         same = summary and without_device(summary.get("command", "").split()) == without_device(command_of(row).split())
         return summary if same else None
 
@@ -109,8 +109,7 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
             if not may_diverge:
                 raise
             summary = {"best_val_loss": None, "diverged": str(error), "out_dir": str(out)}
-        log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()] \
-            if (out / "log.jsonl").exists() else []
+        log = read_log(out / "log.jsonl") if (out / "log.jsonl").exists() else []
         summary.update(labels_of(row), flags=flags, command=command_of(row),
                        wall_s=log[-1]["time_s"] if log else 0.0,
                        best_val_acc=max((r["val_acc"] for r in log), default=None),
@@ -432,7 +431,7 @@ def write_seed_sentences(summaries, device, started):
 def committed_results(study):
     """What results/<study>.json holds ({} when the study has not been run)."""
     path = RESULTS / f"{study}.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    return read_json(path) if path.exists() else {}
 
 
 def kept_rows(study):

@@ -7,7 +7,6 @@ colour per run, labelled with its name, architecture and parameter count.
     python plot.py runs/newllm runs/transformer -o curves.png --table   # and a markdown table
 """
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no window needed
 import matplotlib.pyplot as plt
 
+from checkpoint import read_json, read_log
 from cli import Parser, UserError, run_script
 
 
@@ -24,11 +24,7 @@ def read_run(run_dir):
     config_path, log_path = run_dir / "config.json", run_dir / "log.jsonl"
     if not config_path.is_file() or not log_path.is_file():
         raise UserError(f"{run_dir} is not a run directory (it needs config.json and log.jsonl)")
-    try:
-        config = json.loads(config_path.read_text())
-        log = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{run_dir} has a file that cannot be read ({error})") from None
+    config, log = read_json(config_path), read_log(log_path)
     if not log:
         raise UserError(f"{log_path} has no evaluations yet")
     if not all({"step", "time_s", "val_loss", "train_loss"} <= record.keys() for record in log) \

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoint import load_checkpoint
-from cli import Parser, UserError, pick_device, run_script
+from cli import Parser, UserError, check_seed, pick_device, run_script
 from data import tokenizer_from_state
 from models import model_from_checkpoint
 
@@ -72,8 +72,7 @@ def main(argv=None):
     if args.tokens < 0 or not args.temperature > 0 or math.isinf(args.temperature) or args.num_samples < 1 \
             or (args.top_k is not None and args.top_k < 1):
         raise UserError("--tokens must be >= 0, --temperature a positive number, --num-samples and --top-k >= 1")
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
+    check_seed(args.seed)
 
     device = pick_device(args.device)
     checkpoint = load_checkpoint(args.ckpt, map_location=device)

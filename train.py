@@ -34,8 +34,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import FolderLock, UnreadableCheckpoint, atomic_write, load_checkpoint, save_checkpoint
-from cli import Parser, UserError, hardware, pick_device, run_script
+from checkpoint import (FolderLock, UnreadableCheckpoint, atomic_write, load_checkpoint, read_json, read_log,
+                        save_checkpoint)
+from cli import Parser, UserError, check_seed, hardware, pick_device, run_script
 from data import IGNORE, describe, load_dataset
 from models import ARCHS, build_model, count_params, model_config_dict
 from presets import PRESETS
@@ -255,7 +256,7 @@ def schedule(args, dataset, world_size):
         per_epoch = max(1, dataset.steps_per_epoch(args.batch_size) // world_size)
     max_iters = math.ceil(args.epochs * per_epoch) if args.epochs else args.max_iters
     for name, value in (("--batch-size", args.batch_size), ("--max-iters", max_iters), ("--eval-iters", args.eval_iters),
-                        ("--log-interval", args.log_interval), ("--lr", args.lr)):
+                        ("--log-interval", args.log_interval)):
         if value <= 0:
             raise UserError(f"{name} must be positive (got {value})")
     return max_iters, args.eval_interval or per_epoch
@@ -374,21 +375,11 @@ def check_training_flags(args):
         raise UserError(f"--lr must be a positive number (got {args.lr})")
     if not 0 <= args.beta2 < 1:
         raise UserError(f"--beta2 must be in [0, 1) (got {args.beta2})")
-    if not 0 <= args.seed < 2**63:
-        raise UserError(f"--seed must be in [0, 2**63) (got {args.seed})")
+    check_seed(args.seed)
     for name in ("weight_decay", "grad_clip", "warmup_iters", "eval_interval"):
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):
             raise UserError(f"--{name.replace('_', '-')} must be 0 or more (got {value})")
-
-
-def read_json(path):
-    """A JSON file of a run's folder; one that cannot be read (cut short by a full disk, edited) is a UserError."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} cannot be read ({error}); restore it or start the run again with --overwrite") \
-            from None
 
 
 MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
@@ -520,11 +511,7 @@ def trim_log(path, step):
     """Keep the log lines up to `step` (a run killed after logging, before saving, wrote one more)."""
     if not path.exists():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    try:
-        kept = "".join(line + "\n" for line in lines if json.loads(line)["step"] <= step)
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise UserError(f"{path} has a line that cannot be read; remove it, then resume") from None
+    kept = "".join(json.dumps(record) + "\n" for record in read_log(path) if record["step"] <= step)
     atomic_write(path, lambda f: f.write(kept.encode()))
 
 
