@@ -1,7 +1,7 @@
 """
 Files that survive a crash: every write goes to a temporary file that is renamed into
-place, a run's folder is locked for one process at a time, and a checkpoint that cannot
-be read says so in one line.
+place, a run's folder is locked for one process at a time, and a checkpoint, config or
+log that cannot be read says so in one line.
 
 What a checkpoint holds (train.py writes it; sample.py and the studies read it):
   arch, model_config   enough to rebuild the model alone (models.model_from_checkpoint)
@@ -12,7 +12,7 @@ What a checkpoint holds (train.py writes it; sample.py and the studies read it):
   args                 the flags of the run
   format               the layout's number (FORMAT); models.model_from_checkpoint reads older ones too
 
-Used by train.py (writing), sample.py and experiments.py (reading); test_train.py kills
+Used by train.py (writing), sample.py, plot.py and the studies (reading); test_train.py kills
 writers at random moments to show that nothing is ever half-written.
 """
 

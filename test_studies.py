@@ -1,0 +1,216 @@
+"""
+The studies and the benchmark as their pages depend on them: rows matched in parameters, finished rows never
+trained twice, each study's readings, the bench's pairing and its arithmetic (tried on tiny runs, in seconds).
+
+    python -m pytest -q test_studies.py
+"""
+
+import shutil
+import time
+
+import pytest
+import torch
+
+import train
+from test_train import TINY, assert_one_line_error, corpus, read_log, run  # noqa: F401  (corpus: a fixture)
+
+
+
+def test_improvement_rows_match_the_transformer_within_5_percent():
+    import experiments
+    scale = experiments.IMPROVEMENT_SCALES["quick"]
+    rows, target = experiments.improvement_rows(scale, vocab_size=65)
+    assert rows[0].name == "Transformer" and len(rows) == 9
+    assert [row.extra["mixer"] for row in rows[-2:]] == ["matrix", "matrix"]  # few large heads, many small ones
+    for row in rows[1:]:
+        params = experiments.count_for([*scale["common"], *row.flags], 65)
+        assert abs(params - target) / target < 0.05, (row.name, params, target)
+
+
+def test_recall_page_names_the_smallest_state_past_each_bar_in_every_seed():
+    import recall
+    budget = dict(recall.RECALL_BUDGETS["quick"], pairs=[16], longer=[])
+
+    def run(model, state, shape, accuracy):
+        return {"extra": {"model": model, "size": shape, "shape": shape}, "state_floats": state, "params": 1,
+                "accuracy": {16: accuracy}, "longer": {}}
+    runs = [run("Transformer", 16384, "—", 1.0),
+            run("matrix", 1000, "2 x 8x8", 0.995), run("matrix", 1000, "2 x 8x8", 0.95),  # 99% in one seed of two
+            run("matrix", 2000, "2 x 8x16", 0.991), run("matrix", 2000, "2 x 8x16", 0.999),  # 99% in both
+            run("matrix", 3000, "1 x 16x16", 0.992)]  # larger, one seed
+    lines = recall.recall_table(runs, budget, "quick", torch.device("cpu"), time.time())
+    assert "- matrix, 90%: 1,000 numbers (0.06 of the KV cache, 2 x 8x8) in both seeds" in lines
+    assert "- matrix, 99%: 2,000 numbers (0.12 of the KV cache, 2 x 8x16) in both seeds; 1,000 (0.06) in 1 of 2 " \
+           "seeds" in lines
+    assert "- Transformer, 99%: 16,384 numbers (1.00 of the KV cache) in its one seed" in lines
+
+
+def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_path, monkeypatch):
+    import experiments
+    monkeypatch.chdir(tmp_path)  # run_rows writes runs/experiments/ under the working folder
+    name = experiments.results_name("improvements", str(corpus))
+    assert name == "improvements-corpus" and experiments.results_name("improvements", "shakespeare") == "improvements"
+    rows = [experiments.Row("tiny row", ["--arch", "newllm", *TINY])]
+    common = ["--data", str(corpus), "--max-iters", "4", "--eval-interval", "2"]
+    first = experiments.run_rows(name, "quick", rows, common)
+    log = read_log(tmp_path / "runs/experiments/improvements-corpus-quick/tiny-row")
+    assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
+    # a partial write after a new row shows every finished row, also those later in the list
+    written = []
+    new_first = [experiments.Row("new row", ["--arch", "newllm", *TINY, "--seed", "2"]), *rows]
+    experiments.run_rows(name, "quick", new_first, common, after_each=lambda s: written.append([r["name"] for r in s]))
+    assert written == [["new row", "tiny row"]]
+    monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
+    assert experiments.run_rows(name, "quick", rows, common) == first
+    # a row whose flags changed since its run (the hybrid follows the best row) is trained again, from scratch
+    changed = [experiments.Row("tiny row", ["--arch", "newllm", *TINY, "--lr", "3e-3"])]
+    calls = []
+    monkeypatch.setattr(train, "main", lambda flags: calls.append(flags) or {"best_val_loss": 1.0})
+    experiments.run_rows(name, "quick", changed, common)
+    assert len(calls) == 1 and calls[0][-1] == "--overwrite" and "3e-3" in calls[0]
+    monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
+    # on another machine (no runs/ folder), the summaries committed in results/ stand for the finished rows
+    shutil.rmtree(tmp_path / "runs")
+    assert experiments.run_rows(name, "quick", rows, common, kept=first) == first
+    # where a row ran is not part of what it is: another --device does not make a finished row new
+    assert experiments.run_rows(name, "quick", rows, [*common, "--device", "cpu"], kept=first) == first
+    with pytest.raises(pytest.fail.Exception):  # other flags: the kept numbers do not stand for this row
+        experiments.run_rows(name, "quick", changed, common, kept=first)
+
+
+def test_a_study_refuses_the_settings_it_fixes_itself(corpus):
+    """Asked for a text or a budget it does not use, a study would run its own and write over its results."""
+    import experiments
+    assert_one_line_error(run("experiments.py", "recall", "--data", corpus), "fixes its own --data")
+    assert_one_line_error(run("experiments.py", "scaling", "--budget", "full"), "fixes its own --budget")
+    assert experiments.results_name("lr-sweep", str(corpus)) == "lr-sweep-corpus"  # another text's sweep
+
+
+def test_scaling_readings_say_where_each_seed_crosses_its_own_transformer():
+    import experiments
+    import scaling
+
+    def row(model, seed):
+        return experiments.Row(f"{model} {seed}", [], extra=dict(model=model, axis="length", data="shakespeare",
+                                                                  seed=seed))
+
+    def run(losses):
+        return {"best_val_loss": min(losses),
+                "curve": [{"tokens": (i + 1) * 10**6, "val_loss": loss} for i, loss in enumerate(losses)]}
+    rows = [row(model, seed) for seed in (1337, 2) for model in ("Transformer", "context matrix")]
+    losses = {"Transformer 1337": [3.0, 2.0, 1.0], "context matrix 1337": [2.0, 1.5, 1.2],  # -25% then +20%
+              "Transformer 2": [3.0, 2.0, 1.0], "context matrix 2": [2.0, 1.5, 0.9]}  # below throughout
+    done = {row.name: dict(run(losses[row.name]), extra=row.extra) for row in rows}  # as run_rows labels them
+    line = next(line for line in scaling.scaling_readings(done, rows) if "context matrix" in line)
+    assert line.endswith("cross near 2.6M tokens in seed 1337, never in seed 2")  # interpolated
+    assert "best val loss 1.0500 ± 0.1500 (2), +5.0% vs the Transformer" in line
+
+
+def test_lr_sweep_second_seeds_stay_out_of_the_grid_and_pair_with_its_best_rate():
+    import scaling
+
+    def run(model, lr, loss, **seed):
+        return {"best_val_loss": loss, "extra": dict(model=model, lr=lr, **seed)}
+    summaries = [run("vector stack", 1e-3, 2.0), run("vector stack", 2e-3, 1.9),
+                 run("vector stack", 1e-3, 1.7, seed=2),  # a lucky second seed at another rate: not a grid cell
+                 run("vector stack", 2e-3, 1.8, seed=2), run("8 heads", 2e-3, 1.85, seed=1337)]
+    best = scaling.best_rates(summaries)
+    assert best == {"vector stack": 2e-3}
+    cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in scaling.swept(summaries)}
+    assert cell[("vector stack", 1e-3)]["best_val_loss"] == 2.0
+    table = scaling.second_seed_table([summaries[3], summaries[4]], cell, best)
+    assert "| vector stack | 0.002 | 1.9000 | 1.8000 | 1.8500 ± 0.0500 |" in table  # seed 1337 from the grid
+    assert "| 8 heads | 0.002 | 1.8500 | — | — |" in table
+
+
+def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
+    """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
+    difference is the gap the study reports, with a standard error beside it."""
+    import experiments
+    import scaling
+    monkeypatch.chdir(tmp_path)
+    small = ["--embed-dim", "16", "--layers", "2", "--block-size", "16", "--batch-size", "4", "--eval-iters", "2",
+             "--seed", "3", "--no-progress"]
+    rows = [experiments.Row(model, [*flags, *small, "--eval-iters", "5"],  # the last of a repeated flag counts
+                            extra=dict(model=model, axis="length", data=str(corpus), seed=3))
+            for model, flags in (("Transformer", ["--arch", "transformer", "--heads", "2"]),
+                                 ("vector stack", ["--arch", "stack", "--context-dim", "16"]))]
+    summaries = experiments.run_rows("noise", "quick", rows, ["--data", str(corpus), "--max-iters", "4"])
+    done = {s["name"]: s for s in summaries}
+    [noise] = scaling.evaluation_noise(done, rows, torch.device("cpu"), data=str(corpus))
+    recorded = done["vector stack"]["best_val_loss"] - done["Transformer"]["best_val_loss"]
+    assert noise["batches"] == 5 and noise["difference"] == pytest.approx(recorded, abs=1e-5)
+    assert 0 < noise["difference_se"] < 1 and 0 < noise["transformer_se"] < 1
+    shutil.rmtree(done["vector stack"]["out_dir"])  # results/ without the run folders: nothing to measure
+    assert scaling.evaluation_noise(done, rows, torch.device("cpu"), data=str(corpus)) == []
+
+
+def test_a_sweep_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatch):
+    import experiments
+    monkeypatch.chdir(tmp_path)
+    rows = [experiments.Row("too high", ["--arch", "newllm", *TINY, "--lr", "1e6", "--grad-clip", "0"]),
+            experiments.Row("fine", ["--arch", "newllm", *TINY])]
+    common = ["--data", str(corpus), "--max-iters", "6", "--eval-interval", "2"]
+    with pytest.raises(train.TrainingDiverged):
+        experiments.run_rows("sweep", "quick", rows[:1], common)
+    done = []
+    summaries = experiments.run_rows("sweep2", "quick", rows, common, after_each=lambda s: done.append(len(s)),
+                                     may_diverge=True)
+    assert summaries[0]["best_val_loss"] is None and "diverged" in summaries[0]["diverged"]
+    assert summaries[1]["best_val_loss"] < 10 and done == [1, 2]
+
+
+def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
+    import bench
+    cpu = torch.device("cpu")
+    for name in ("transformer", "newllm-stack", "matrix-stack"):
+        model, _ = bench.make(name, 300, cpu)
+        state, token = model.init_state(1, cpu), torch.zeros(1, dtype=torch.long)
+        with torch.no_grad():
+            for _ in range(12):
+                _, state = model.step(token, state)
+        assert bench.state_bytes(state) == bench.state_bytes(bench.state_at(model, 12, cpu)), name
+        short, long = (bench.state_bytes(bench.state_at(model, n, cpu)) for n in (64, 256))
+        assert (long == short) if name != "transformer" else (long > 3.9 * short), (name, short, long)
+
+
+def test_bench_ratios_pair_the_measurements_of_each_round():
+    """A slow round slows both models: the bench divides each round's numbers by each other, then takes
+    the median, where the ratio of the two medians would mix rounds (here 3.0 instead of 2.5)."""
+    import bench
+    fast_model, baseline = [2.0, 10.0, 3.0], [1.0, 4.0, 1.0]  # the second round ran on a faster machine
+    assert bench.paired_ratio(fast_model, baseline) == 2.5
+    assert bench.medians({256: fast_model})[256] / bench.medians({256: baseline})[256] == 3.0
+
+
+def test_bench_products_only_are_the_report_models_arithmetic():
+    """The bench's ceiling for the first command replays every matrix product of the report's model's training
+    step and nothing else: as many floating-point operations as the model's own forward and backward pass,
+    counted by PyTorch, with dropout on and with a different number of layers."""
+    import bench
+    from models import build_model
+    from torch.utils.flop_counter import FlopCounterMode
+    torch.manual_seed(0)
+    for layers in (2, 4):
+        model = build_model("newllm", vocab_size=11, block_size=12, embed_dim=8, context_dim=6, hidden_dim=10,
+                            layers=layers, dropout=0.1)
+        idx = torch.randint(11, (3, 12))
+        with FlopCounterMode(display=False) as step:
+            _, loss = model(idx, idx)
+            loss.backward()
+        with FlopCounterMode(display=False) as products:
+            bench.step_products(model.config, 3, 12, torch.device("cpu"))()
+        assert products.get_total_flops() == step.get_total_flops() > 0
+
+
+def test_bench_alternates_which_model_goes_first():
+    import bench
+    models = {"transformer": 1, "newllm-stack": 2, "matrix-stack": 3}
+    firsts = [next(iter(bench.in_turn(models, r)))[0] for r in range(4)]
+    assert firsts == ["transformer", "matrix-stack", "transformer", "matrix-stack"]
+    assert sorted(bench.in_turn(models, 1)) == sorted(models.items())
+
+
+def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
+    result = run("bench.py", "--quick", "--json", tmp_path / "missing" / "bench.json")
+    assert_one_line_error(result, "its folder does not exist")
