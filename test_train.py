@@ -356,6 +356,16 @@ def test_a_damaged_last_pt_names_the_intact_checkpoint_and_the_command(trained_r
     assert [r["step"] for r in read_log(copy)] == [0, 2, 4, 6] and load_checkpoint(copy / "last.pt")["step"] == 6
 
 
+def test_a_run_that_saved_nothing_is_replaced_without_overwrite(trained_run, corpus, tmp_path):
+    """A run that failed at its first step left only config.json: the next run needs no --overwrite."""
+    out = tmp_path / "failed"
+    out.mkdir()
+    shutil.copy(trained_run / "config.json", out / "config.json")
+    result = run("train.py", "--data", corpus, "--out-dir", out, "--max-iters", "2", *TINY)
+    assert result.returncode == 0, result.stderr
+    assert read_log(out)
+
+
 def test_resuming_on_another_text_with_the_same_alphabet_is_refused(trained_run, corpus, tmp_path):
     copy = copy_run(trained_run, tmp_path / "run")
     reversed_text = tmp_path / "reversed.txt"

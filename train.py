@@ -421,7 +421,9 @@ def claim_out_dir(out_dir, args):
         raise UserError(f"cannot create {out_dir}: {error.strerror}") from None
     lock = FolderLock(out_dir)  # a second live run stops here, before anything is touched
     run_files = [out_dir / name for name in ("config.json", "log.jsonl", "ckpt.pt", "last.pt")]
-    if any(f.exists() for f in run_files) and not args.resume:
+    # config.json alone is a run that ended before it saved anything (out of memory at its first step, say):
+    # there is nothing in it to continue or to lose, so a new run simply replaces it
+    if any(f.exists() for f in run_files[1:]) and not args.resume:
         if not args.overwrite:
             lock.release()
             raise UserError(f"{out_dir} already holds a run: add --resume to continue it or --overwrite to replace it")
