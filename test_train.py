@@ -130,6 +130,7 @@ def test_bad_corpus_files(tmp_path, content, fragment):
     (["--block-size", "0"], "must be positive"),
     (["--arch", "transformer", "--gate"], "do(es) not apply"),
     (["--short-conv", "4"], "do(es) not apply to --arch newllm"),
+    (["--preset", "best-newllm-cpu", "--arch", "transformer"], "--preset best-newllm-cpu is made for --arch stack"),
     (["--arch", "stack", "--mixer", "matrix", "--context-dim", "30", "--context-heads", "4"], "must divide"),
     (["--arch", "stack", "--context-heads", "2"], "add --mixer matrix"),
     (["--arch", "stack", "--key-dim", "8"], "add --mixer matrix"),

@@ -393,6 +393,10 @@ def model_config_from_args(args, vocab_size):
     foreign = sorted(set(given) - names)
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        preset = PRESETS.get(args.preset, {})
+        if preset.get("arch") != args.arch and any(name in preset for name in foreign):
+            raise UserError(f"--preset {args.preset} is made for --arch {preset['arch']}: its {flags} do(es) not "
+                            f"apply to --arch {args.arch}; choose a preset for --arch {args.arch} or drop --arch")
         raise UserError(f"{flags} do(es) not apply to --arch {args.arch}")
     return {**{k: v for k, v in given.items() if k in names}, "vocab_size": vocab_size}
 
