@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 import train
+from bptt import Products
 from cli import Parser, UserError, hardware, pick_device, run_script
 from models import build_model, count_params, state_bytes
 from plot import check_image_path
@@ -115,34 +116,38 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 def step_products(config, batch, length, device):
     """A function that does every matrix product of the report's model's training step (newllm.py, bptt.py),
-    the same shapes in the same order, and nothing else: about the least time a step doing these products
-    can take. Only the shapes matter, so the inputs are random and the backward pass starts where the
-    forward pass ended."""
+    the same shapes in the same order, by the same routines (bptt.Products, with its weights laid out as the
+    loop lays them out), and nothing else: about the least time a step doing these products can take. Only
+    the shapes matter, so the inputs are random and the backward pass starts where the forward pass ended."""
     E, C, H, V, rows = config.embed_dim, config.context_dim, config.hidden_dim, config.vocab_size, batch * length
     weight = lambda *shape: torch.randn(*shape, device=device) / shape[1] ** 0.5  # noqa: E731  (values stay finite)
     W_x, W_c, W_o, head = weight(H, E), weight(H, C), weight(C, H), weight(V, H)
     layers = [weight(H, H) for _ in range(config.layers - 1)]
     x, hidden, contexts = (torch.randn(rows, n, device=device) for n in (E, H, C))  # every position at once
+    products = Products(torch.empty(batch, C, device=device))
 
-    def products():
+    def products_of_a_step():
         x @ W_x.T  # the token half of the first Linear
+        loop = [products.laid_out(W) for W in (W_c, *layers, W_o)]
         context = torch.randn(batch, C, device=device)  # any start (8k numbers: microseconds)
         for _ in range(length):  # forward, one position after another: W_c c, the layers, W_o h
-            h = context @ W_c.T
-            for W in layers:
-                h = h @ W.T
-            context = h @ W_o.T
+            h = products.linear(context, loop[0])
+            for W in loop[1:-1]:
+                h = products.linear(h, W)
+            context = products.linear(h, loop[-1])
         logits = hidden @ head.T  # the token head, then its two gradients
         logits @ head, logits.T @ hidden
+        loop = [products.laid_out(W.T) for W in (W_c, *layers, W_o)]
         for _ in range(length):  # backward, one position after another
-            grad = context @ W_o
-            for W in layers:
-                grad = grad @ W
-            context = grad @ W_c
+            grad = products.linear(context, loop[-1])
+            for W in reversed(loop[1:-1]):
+                grad = products.linear(grad, W)
+            context = products.linear(grad, loop[0])
         for _ in layers:  # each weight's gradient: one product over all positions
-            hidden.T @ hidden
-        contexts.T @ hidden, hidden.T @ contexts, hidden.T @ x, hidden @ W_x  # W_o, W_c, W_x; the embeddings
-    return products
+            products.linear(hidden.T, hidden.T)
+        products.linear(contexts.T, hidden.T), products.linear(hidden.T, contexts.T)  # W_o, W_c
+        hidden.T @ x, hidden @ W_x  # W_x and the embeddings (autograd, as in training)
+    return products_of_a_step
 
 
 def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):

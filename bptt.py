@@ -22,12 +22,62 @@ loop as one large matrix product (T*B rows at once), which a CPU does at several
 
 Dropout and ReLU leave h_l = z_l * D_l with D_l = mask_l where z_l > 0, else 0 (mask_l: 0, or
 1 / (1 - p) for the units kept). D_l is recovered from h_l and the mask (h_l > 0 exactly where
-z_l > 0 and the unit is kept), so nothing else is stored.
+z_l > 0 and the unit is kept: D_l = sign(h_l) * mask_l), so nothing else is stored.
 
-test_models.py checks values and every gradient against autograd on newllm.py's literal loop.
+The products themselves. On a CPU, in float32, they go through oneDNN (torch.ops.mkldnn, part of
+PyTorch's x86 builds) rather than torch's default BLAS, and the loop's weights are first laid out in
+oneDNN's blocked format for products of B rows (once per pass, not at every position). Measured on the
+README's machine (2 cores of an AMD EPYC with AVX-512), GFLOPS:
+                                     torch (MKL)   oneDNN   oneDNN, weight laid out
+    32 x 512 by 512 (the loop's)         142         214          337
+    2048 x 512 by 512 (a weight's sum)   217         461
+It is the same float32 arithmetic, summed in another order. Anywhere else (float64, a GPU, a build
+without these ops) the loop uses torch's own products.
+
+test_models.py checks values and every gradient against autograd on newllm.py's literal loop (in
+float64, torch's products), and oneDNN's products against torch's (in float32).
 """
 
 import torch
+
+
+def onednn_available():
+    try:
+        ops = torch.ops.mkldnn._linear_pointwise, torch.ops.mkldnn._reorder_linear_weight
+        return torch.backends.mkldnn.is_available() and all(op is not None for op in ops)
+    except (AttributeError, RuntimeError):  # a build without oneDNN's linear ops
+        return False
+
+
+USE_ONEDNN = onednn_available()  # the tests turn it off to compare the two kinds of product
+
+
+class Products:
+    """The loop's matrix products, each x (rows, n) times the transpose of a weight (m, n) as nn.Linear stores
+    it: by oneDNN for float32 on a CPU (the docstring above says why), else by torch. `laid_out` rearranges a
+    weight once per pass for the many products of B rows that read it (oneDNN's blocked layout; torch needs none)."""
+
+    def __init__(self, like):
+        self.onednn = USE_ONEDNN and like.device.type == "cpu" and like.dtype == torch.float32
+        self.rows = like.size(-2)  # B: the rows of every product inside the loop
+
+    def laid_out(self, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows) if self.onednn else weight
+
+    def linear(self, x, weight):  # x W^T
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return x @ weight.T
+
+    def linear_relu(self, x, weight, bias):  # relu(x W^T + b)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        return torch.addmm(bias, x, weight.T).relu_()
+
+    def plus_linear(self, other, x, weight, bias=None):  # other + x W^T (+ b)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+        return torch.addmm(other if bias is None else other + bias, x, weight.T)
 
 
 class ContextLoop(torch.autograd.Function):
@@ -48,20 +98,22 @@ class ContextLoop(torch.autograd.Function):
     def loop(ctx, masks, token_part, context_weight, *weights):
         layers, (out_weight, out_bias) = list(zip(weights[:-2:2], weights[1:-2:2])), weights[-2:]
         T, B, H = token_part.shape
+        products = Products(token_part)
         hidden = [token_part.new_empty(T, B, H) for _ in range(len(layers) + 1)]  # h_l after dropout: for backward
         contexts = token_part.new_empty(T, B, context_weight.size(1))  # c_{t-1} at every position
         context = token_part.new_zeros(B, context_weight.size(1))  # c_0 = 0
+        loop_weights = [products.laid_out(w) for w in (context_weight, *(w for w, _ in layers), out_weight)]
+        loop_layers = list(zip(loop_weights[1:-1], (b for _, b in layers)))
+
+        def dropped(h, l, t):  # h_l = drop(relu(z_l)), written where backward will read it
+            return torch.mul(h, masks[l][t], out=hidden[l][t]) if masks is not None else hidden[l][t].copy_(h)
+
         for t in range(T):
             contexts[t] = context
-            # relu(z_0) into hidden[0][t]; its dropout mask is applied in place just before the next layer reads it
-            h = torch.addmm(token_part[t], context, context_weight.T, out=hidden[0][t]).relu_()
-            for l, (weight, bias) in enumerate(layers):
-                if masks is not None:
-                    h.mul_(masks[l][t])
-                h = torch.addmm(bias, h, weight.T, out=hidden[l + 1][t]).relu_()  # h_{l+1}
-            if masks is not None:
-                h.mul_(masks[-1][t])
-            context = torch.addmm(context + out_bias, h, out_weight.T)  # c_t = c_{t-1} + W_o h + b_o
+            h = dropped(products.plus_linear(token_part[t], context, loop_weights[0]).relu_(), 0, t)  # h_0
+            for l, (weight, bias) in enumerate(loop_layers, start=1):
+                h = dropped(products.linear_relu(h, weight, bias), l, t)  # h_l
+            context = products.plus_linear(context, h, loop_weights[-1], out_bias)  # c_t = c_{t-1} + W_o h + b_o
         ctx.layers = len(hidden)
         ctx.save_for_backward(*hidden, contexts, context_weight, out_weight, *weights[:-2:2], *(masks or ()))
         return hidden[-1].clone()
@@ -76,25 +128,35 @@ class ContextLoop(torch.autograd.Function):
         saved, L, (T, B, _) = ctx.saved_tensors, ctx.layers, grad_out.shape
         hidden, (contexts, context_weight, out_weight) = saved[:L], saved[L:L + 3]
         layer_weights, masks = saved[L + 3:2 * L + 2], saved[2 * L + 2:]  # masks: () without dropout
-        multiplier = [(h > 0).to(h.dtype) for h in hidden]  # D_l at every position: dz = dh * D
+        products = Products(grad_out)
+        multiplier = [h.sign() for h in hidden]  # D_l at every position (dz = dh * D): h_l >= 0, so 1 where h_l > 0
         for d, mask in zip(multiplier, masks):
             d.mul_(mask)
+        # going backwards multiplies by W rather than W^T: each weight transposed (and laid out) once, here
+        loop_weights = [products.laid_out(w.T) for w in (context_weight, *layer_weights, out_weight)]
+        C = context_weight.size(1)
         grad_z = [torch.empty_like(h) for h in hidden]  # dL/dz_l at every position
-        grad_c = grad_out.new_empty(T, B, out_weight.size(0))  # dL/dc_t at every position
-        dc = grad_out.new_zeros(B, out_weight.size(0))  # dL/dc_t: nothing after the last position
+        grad_c = grad_out.new_empty(T, B, C)  # dL/dc_t at every position
+        dc = grad_out.new_zeros(B, C)  # dL/dc_t: nothing after the last position
         for t in reversed(range(T)):
             grad_c[t] = dc
-            g = torch.addmm(grad_out[t], dc, out_weight)  # dL/dh_{L-1}: the output, and through c_t
+            g = products.plus_linear(grad_out[t], dc, loop_weights[-1])  # dL/dh_{L-1}: the output, and through c_t
             for l in reversed(range(1, L)):
                 dz = torch.mul(g, multiplier[l][t], out=grad_z[l][t])
-                g = dz @ layer_weights[l - 1]  # dL/dh_{l-1}
+                g = products.linear(dz, loop_weights[l])  # dL/dh_{l-1}
             dz0 = torch.mul(g, multiplier[0][t], out=grad_z[0][t])
-            dc = torch.addmm(dc, dz0, context_weight)  # dL/dc_{t-1} = dL/dc_t (the identity path) + W_c^T dz_0
+            dc = products.plus_linear(dc, dz0, loop_weights[0])  # dL/dc_{t-1} = dL/dc_t (the identity path) + W_c^T dz_0
         # the weight gradients: sums over all positions, one large product each
         flat = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
+        summed = lambda a, b: products.linear(flat(a).T, flat(b).T)  # noqa: E731  sum_t a_t^T b_t
         grads = []
         for l in range(1, L):
-            grads += [flat(grad_z[l]).T @ flat(hidden[l - 1]), grad_z[l].sum((0, 1))]
-        grads += [flat(grad_c).T @ flat(hidden[-1]), grad_c.sum((0, 1))]
-        grad_context_weight = flat(grad_z[0]).T @ flat(contexts)
-        return None, grad_z[0], grad_context_weight, *grads
+            grads += [summed(grad_z[l], hidden[l - 1]), grad_z[l].sum((0, 1))]
+        grads += [summed(grad_c, hidden[-1]), grad_c.sum((0, 1))]
+        return None, grad_z[0], summed(grad_z[0], contexts), *grads
+
+
+@torch.compiler.disable  # torch.compile would unroll the loop over positions, and cannot lower oneDNN's ops
+def context_loop(masks, token_part, context_weight, *weights):
+    """ContextLoop.apply, left out of compiled graphs: the loop runs as written here, compiled or not."""
+    return ContextLoop.apply(masks, token_part, context_weight, *weights)

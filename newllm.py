@@ -27,8 +27,8 @@ h_t reads c_{t-1}, which needed h_{t-1}: the positions must be visited one after
 in training too. `ContextCell.step` is the definition, one position. `ContextCell.forward`
 runs the same loop with the token half of the first Linear moved out of it. For the report's
 own update (no gate, no norm) it also uses the hand-written backward pass of bptt.py, which
-sums each weight's gradient over all positions in one product. test_models.py checks that
-they agree.
+sums each weight's gradient over all positions in one product (and, on a CPU, does its
+products with oneDNN). test_models.py checks that they agree.
 
 Built in stack.py instead: several contexts, gates that read only the input (so training
 runs in parallel), a matrix memory.
@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bptt import ContextLoop
+from bptt import context_loop
 from data import IGNORE
 
 # -----------------------------------------------------------------------------
@@ -71,11 +71,13 @@ class ContextCell(nn.Module):
 
     def dropout_masks(self, like):
         """Every dropout mask of a sequence, before the loop: L tensors shaped like `like` (T, B, H) of multipliers
-        0 or 1 / (1 - p); None when off. (One tensor per layer: bptt.py says why.)"""
-        p = self.config.dropout
-        if not self.training or p == 0:
+        0 or 1 / (1 - p); None when off. (One tensor per layer: bptt.py says why.) A unit is kept where a uniform
+        draw falls below 1 - p: on a CPU torch.rand fills a tensor in about half the time bernoulli_ takes."""
+        keep = 1 - self.config.dropout
+        if not self.training or keep == 1:
             return None
-        return [torch.empty_like(like).bernoulli_(1 - p).div_(1 - p) for _ in range(self.config.layers)]
+        return [torch.rand(like.shape, dtype=like.dtype, device=like.device).lt_(keep).div_(keep)
+                for _ in range(self.config.layers)]
 
     def update(self, context, h):
         """c_{t-1}, h_t -> c_t: added to, or gated; then normalised if asked."""
@@ -115,8 +117,8 @@ class ContextCell(nn.Module):
             token_part = token_part.to(torch.promote_types(token_part.dtype, torch.float32))
             token_part = token_part.transpose(0, 1).contiguous()  # (T, B, H): one position after another
             weights = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
-            hidden = ContextLoop.apply(self.dropout_masks(token_part), token_part, context_weight,
-                                       *weights, self.to_context.weight, self.to_context.bias)  # (T, B, H)
+            hidden = context_loop(self.dropout_masks(token_part), token_part, context_weight,
+                                  *weights, self.to_context.weight, self.to_context.bias)  # (T, B, H)
             return hidden.transpose(0, 1).to(x.dtype)
         token_part = token_part.unbind(1)  # T tensors of (B, H)
         hiddens = []

@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+import bptt
 import data
 from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError
@@ -87,6 +88,24 @@ def test_report_model_backward_with_dropout_equals_autograd():
         assert torch.allclose(fast, reference, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.skipif(not bptt.onednn_available(), reason="this build of PyTorch has no oneDNN")
+def test_onednn_products_equal_torchs(monkeypatch):
+    """In float32 on a CPU the report's loop multiplies with oneDNN (bptt.py): the same loss and gradients as
+    torch's own products, up to float32 rounding, with dropout on (the same masks)."""
+    model = build_model("newllm", **dict(TINY, layers=3, dropout=0.3)).train()
+    idx = torch.randint(V, (4, T))
+    results = []
+    for onednn in (True, False):
+        monkeypatch.setattr(bptt, "USE_ONEDNN", onednn)
+        assert bptt.Products(idx.float()).onednn == onednn
+        torch.manual_seed(1)
+        results.append(loss_and_gradients(model, model, idx))
+    (loss, grads), (torch_loss, torch_grads) = results
+    assert loss == pytest.approx(torch_loss, rel=1e-5)
+    for got, expected in zip(grads, torch_grads):
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_causal(name):
     """Changing tokens after position t leaves the logits at positions <= t unchanged."""
@@ -143,13 +162,14 @@ def assert_same_loss_and_gradients(expected, got):
         assert torch.allclose(g_expected, g_got, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["stack+norm+timescales+conv", "matrix"])
+@pytest.mark.parametrize("name", ["stack+norm+timescales+conv", "matrix", "seed"])
 def test_compiled_model_equals_eager(name):
     """torch.compile traces the stacks (the vector scan whole, the delta rule around its loop over chunks, which
-    stays eager) and changes no number.
+    stays eager) and the report's model around its loop over positions (eager too), and changes no number.
     The "eager" backend runs dynamo's tracing without generating code, so this stays fast."""
     model = tiny(name).double()
-    idx = torch.randint(V, (2, 77))  # 5 chunks of the scan: the joins between them are traced (the delta rule's stay eager)
+    # 77 positions: 5 chunks of the scan, the joins between them traced (the delta rule's stay eager)
+    idx = torch.randint(V, (2, model.max_len or 77))
     assert_same_loss_and_gradients(loss_and_gradients(model, model, idx),
                                    loss_and_gradients(model, torch.compile(model, backend="eager"), idx))
     if name.startswith("stack"):  # nothing left out of the graph
