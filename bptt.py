@@ -28,9 +28,9 @@ The products themselves. On a CPU, in float32, they go through oneDNN (torch.ops
 PyTorch's x86 builds) rather than torch's default BLAS, and the loop's weights are first laid out in
 oneDNN's blocked format for products of B rows (once per pass, not at every position). Measured on the
 README's machine (2 cores of an AMD EPYC with AVX-512), GFLOPS:
-                                     torch (MKL)   oneDNN   oneDNN, weight laid out
-    32 x 512 by 512 (the loop's)         142         214          337
-    2048 x 512 by 512 (a weight's sum)   217         461
+                                                 torch (MKL)   oneDNN   oneDNN, weight laid out
+    32 x 512 by 512 x 512 (the loop's)               142         214          337
+    512 x 2048 by 2048 x 512 (a weight's gradient)   206         379
 It is the same float32 arithmetic, summed in another order. Anywhere else (float64, a GPU, a build
 without these ops) the loop uses torch's own products.
 
@@ -122,6 +122,7 @@ class ContextLoop(torch.autograd.Function):
         return hidden[-1].clone()
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the loop's own products are not differentiated again
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):
             return ContextLoop.loop_backward(ctx, grad_out)
@@ -135,23 +136,24 @@ class ContextLoop(torch.autograd.Function):
         multiplier = [h.sign() for h in hidden]  # D_l at every position (dz = dh * D): h_l >= 0, so 1 where h_l > 0
         for d, mask in zip(multiplier, masks):
             d.mul_(mask)
-        # going backwards multiplies by W rather than W^T: each weight transposed (and laid out) once, here
-        loop_weights = [products.laid_out(w.T) for w in (context_weight, *layer_weights, out_weight)]
+        # going backwards multiplies by W rather than W^T: each weight transposed (and laid out) once, here;
+        # back_weights[l] is W_l^T (0: W_c^T, L: W_o^T)
+        back_weights = [products.laid_out(w.T) for w in (context_weight, *layer_weights, out_weight)]
         C = context_weight.size(1)
         grad_z = [torch.empty_like(h) for h in hidden]  # dL/dz_l at every position
         grad_c = grad_out.new_empty(T, B, C)  # dL/dc_t at every position
         dc = grad_out.new_zeros(B, C)  # dL/dc_t: nothing after the last position
         for t in reversed(range(T)):
             grad_c[t] = dc
-            g = products.plus_linear(grad_out[t], dc, loop_weights[-1])  # dL/dh_{L-1}: the output, and through c_t
+            g = products.plus_linear(grad_out[t], dc, back_weights[-1])  # dL/dh_{L-1}: the output, and through c_t
             for l in reversed(range(1, L)):
                 dz = torch.mul(g, multiplier[l][t], out=grad_z[l][t])
-                g = products.linear(dz, loop_weights[l])  # dL/dh_{l-1}
+                g = products.linear(dz, back_weights[l])  # dL/dh_{l-1}
             dz0 = torch.mul(g, multiplier[0][t], out=grad_z[0][t])
-            dc = products.plus_linear(dc, dz0, loop_weights[0])  # dL/dc_{t-1} = dL/dc_t (the identity path) + W_c^T dz_0
+            dc = products.plus_linear(dc, dz0, back_weights[0])  # dL/dc_{t-1} = dL/dc_t (the identity path) + dz_0 W_c
         # the weight gradients: sums over all positions, one large product each
         flat = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
-        summed = lambda a, b: products.linear(flat(a).T, flat(b).T)  # noqa: E731  sum_t a_t^T b_t
+        summed = lambda a, b: products.linear(flat(a).T, flat(b).T)  # noqa: E731  sum_t a_t^T b_t (x = a^T, W = b^T)
         grads = []
         for l in range(1, L):
             grads += [summed(grad_z[l], hidden[l - 1]), grad_z[l].sum((0, 1))]

@@ -97,7 +97,8 @@ def load_checkpoint(path, map_location="cpu"):
     try:
         # torch.save writes a zip that records a CRC-32 of every entry, but torch.load does not check them:
         # a flipped bit in the weights would load silently. zipfile checks them all (~5 ms for 10 MB).
-        damaged_entry = zipfile.ZipFile(path).testzip()
+        with zipfile.ZipFile(path) as archive:
+            damaged_entry = archive.testzip()
         if damaged_entry is not None:
             raise ValueError(f"{damaged_entry} fails its checksum")
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)

@@ -88,6 +88,17 @@ def test_report_model_backward_with_dropout_equals_autograd():
         assert torch.allclose(fast, reference, rtol=1e-9, atol=1e-12)
 
 
+def test_dropout_masks_keep_each_unit_with_probability_1_minus_p():
+    torch.manual_seed(0)
+    cell = build_model("newllm", **dict(TINY, layers=2, dropout=0.25)).cell.train()
+    masks = cell.dropout_masks(torch.empty(64, 32, 128, dtype=torch.float64))
+    assert len(masks) == 2 and not torch.equal(masks[0], masks[1])
+    for mask in masks:
+        assert set(mask.unique().tolist()) == {0.0, 1 / 0.75}
+        assert (mask > 0).double().mean().item() == pytest.approx(0.75, abs=0.01)  # 262k units: 0.0008 std
+    assert cell.eval().dropout_masks(masks[0]) is None
+
+
 @pytest.mark.skipif(not bptt.onednn_available(), reason="this build of PyTorch has no oneDNN")
 def test_onednn_products_equal_torchs(monkeypatch):
     """In float32 on a CPU the report's loop multiplies with oneDNN (bptt.py): the same loss and gradients as

@@ -394,7 +394,9 @@ def model_config_from_args(args, vocab_size):
     if foreign:
         flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
         preset = PRESETS.get(args.preset, {})
-        if preset.get("arch") != args.arch and any(name in preset for name in foreign):
+        from_preset = [name for name in foreign if name in preset]
+        if preset.get("arch") != args.arch and from_preset:
+            flags = ", ".join("--" + name.replace("_", "-") for name in from_preset)
             raise UserError(f"--preset {args.preset} is made for --arch {preset['arch']}: its {flags} do(es) not "
                             f"apply to --arch {args.arch}; choose a preset for --arch {args.arch} or drop --arch")
         raise UserError(f"{flags} do(es) not apply to --arch {args.arch}")
