@@ -117,8 +117,9 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 def step_products(config, batch, length, device):
     """A function that does every matrix product of the report's model's training step (newllm.py, bptt.py),
     the same shapes in the same order, by the same kind of product (bptt.Products.linear, weights laid out as
-    the loop lays them out, without the bias, ReLU or sum the loop fuses into some), and nothing else: about the least time a step doing these products can take. Only
-    the shapes matter, so the inputs are random and the backward pass starts where the forward pass ended."""
+    the loop lays them out, without the bias, ReLU or sum the loop fuses into some), and nothing else: about
+    the least time a step doing these products can take. Only the shapes matter, so the inputs are random and
+    the backward pass starts where the forward pass ended."""
     E, C, H, V, rows = config.embed_dim, config.context_dim, config.hidden_dim, config.vocab_size, batch * length
     weight = lambda *shape: torch.randn(*shape, device=device) / shape[1] ** 0.5  # noqa: E731  (values stay finite)
     W_x, W_c, W_o, head = weight(H, E), weight(H, C), weight(C, H), weight(V, H)

@@ -392,14 +392,14 @@ def model_config_from_args(args, vocab_size):
     given = {name: getattr(args, name) for name in MODEL_FLAGS if getattr(args, name, None) is not None}
     foreign = sorted(set(given) - names)
     if foreign:
-        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        as_flags = lambda names: ", ".join("--" + name.replace("_", "-") for name in names)  # noqa: E731
         preset = PRESETS.get(args.preset, {})
         from_preset = [name for name in foreign if name in preset]
         if preset.get("arch") != args.arch and from_preset:
-            flags = ", ".join("--" + name.replace("_", "-") for name in from_preset)
-            raise UserError(f"--preset {args.preset} is made for --arch {preset['arch']}: its {flags} do(es) not "
-                            f"apply to --arch {args.arch}; choose a preset for --arch {args.arch} or drop --arch")
-        raise UserError(f"{flags} do(es) not apply to --arch {args.arch}")
+            raise UserError(f"--preset {args.preset} is made for --arch {preset['arch']}: its {as_flags(from_preset)} "
+                            f"do(es) not apply to --arch {args.arch}; "
+                            f"choose a preset for --arch {args.arch} or drop --arch")
+        raise UserError(f"{as_flags(foreign)} do(es) not apply to --arch {args.arch}")
     return {**{k: v for k, v in given.items() if k in names}, "vocab_size": vocab_size}
 
 
