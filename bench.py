@@ -6,6 +6,7 @@ length, for the Transformer and New-LLM at matched parameter counts.
     python bench.py --quick --json bench.json       # under a minute on 2 CPU cores
     python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~5 minutes)
     python bench.py --compile --json results/bench_compiled.json           # compiled and eager (about 3 minutes)
+    python bench.py --products                      # the report's model's products by torch and by oneDNN (seconds)
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -151,6 +152,40 @@ def step_products(config, batch, length, device):
     return products_of_a_step
 
 
+def measure_products(results, device, rounds):
+    """What bptt.py's choice of products rests on, each timed by itself (the median of `rounds`): GFLOPS of the
+    loop's product (32 x 512 by 512 x 512) and of a weight gradient's (512 x 2048 by 2048 x 512) by torch and,
+    where this PyTorch has it, by oneDNN (with the loop's weight laid out, as the loop does); the cost of one
+    call, from a product too small to take time (32 x 16 by 16 x 16); and the time to draw one layer's dropout
+    mask at the first command's size (64 x 32 x 512) with torch.rand and with bernoulli_."""
+    x, w, a, b = (torch.randn(*shape, device=device) for shape in ((32, 512), (512, 512), (2048, 512), (2048, 512)))
+    tiny_x, tiny_w = torch.randn(32, 16, device=device), torch.randn(16, 16, device=device)
+    products = Products(x)
+    laid_out = products.laid_out(w)
+    ways = {"torch": (lambda: x @ w.T, lambda: a.T @ b, lambda: tiny_x @ tiny_w.T)}
+    if products.onednn:
+        ways["oneDNN"] = (lambda: products.linear(x, w), lambda: products.linear(a.T, b.T),
+                          lambda: products.linear(tiny_x, tiny_w))
+        ways["oneDNN, weight laid out"] = (lambda: products.linear(x, laid_out), None, None)
+    masks = {"torch.rand": lambda: torch.rand(64, 32, 512, device=device).lt_(0.9).div_(0.9),
+             "bernoulli_": lambda: torch.empty(64, 32, 512, device=device).bernoulli_(0.9).div_(0.9)}
+
+    def seconds(work, calls):  # one call's time: the median over rounds of `calls` calls timed together
+        return statistics.median(median_seconds(lambda: [work() for _ in range(calls)], device, 3) / calls
+                                 for _ in range(rounds))
+    gflops = lambda work, flops, calls: flops / seconds(work, calls) / 1e9  # noqa: E731
+    found = results["products"] = {}
+    print(f"the report's model's products, timed by themselves on {results['device']}")
+    for how, (loop, gradient, tiny) in ways.items():
+        found[how] = {"loop_gflops": gflops(loop, 2 * 32 * 512 * 512, 200)}
+        if gradient is not None:
+            found[how]["gradient_gflops"] = gflops(gradient, 2 * 512 * 2048 * 512, 10)
+            found[how]["us_per_call"] = 1e6 * seconds(tiny, 1000)
+        print(f"  {how:<25} " + ", ".join(f"{k} {v:,.1f}" for k, v in found[how].items()))
+    found["mask_ms_per_layer"] = {how: 1e3 * seconds(draw, 5) for how, draw in masks.items()}
+    print("  dropout mask, ms per layer: " + ", ".join(f"{k} {v:.2f}" for k, v in found["mask_ms_per_layer"].items()))
+
+
 def take_turns(models, lengths, tokens, device, repeats, rounds, forwards=None):
     """name -> {length: [training tokens/s in each round]}. At each length the models take turns, seconds
     apart, so a slow minute on a shared machine hits the models being compared alike.
@@ -228,13 +263,18 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="time training of the three models compiled and eager, at lengths 256 and 2048 only "
                              "(about 3 minutes on a 2-core CPU, compiling included)")
+    parser.add_argument("--products", action="store_true",
+                        help="time the report's model's matrix products by themselves, by torch and by oneDNN "
+                             "(bptt.py), its cost per call and its dropout masks (seconds)")
     args = parser.parse_args(argv)
     # refuse now, not after minutes of measuring
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise UserError(f"cannot write {args.json}: its folder does not exist, or it is a folder")
+    if args.compile and args.products:
+        raise UserError("--compile and --products measure different things: run them one at a time")
     if args.plot:
-        if args.compile:
-            raise UserError("--plot draws generation, which --compile does not measure: drop one of them")
+        if args.compile or args.products:
+            raise UserError("--plot draws generation, which --compile and --products do not measure: drop one")
         check_image_path(args.plot)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -249,6 +289,10 @@ def main(argv=None):
                "tokens_per_step": tokens_per_step, "params": {}, "train": {}, "generate": {}}
     if args.compile:
         compiled_training(results, device, repeats, 1 if args.quick else 5, args.json)
+        return
+    if args.products:
+        measure_products(results, device, rounds=1 if args.quick else 3)
+        write_results(results, args.json)
         return
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
@@ -398,6 +442,10 @@ def report(results, json_path):
     print("targets")
     for key, met in results["targets_met"].items():
         print(f"  [{'met' if met else 'NOT met'}] {key}")
+    write_results(results, json_path)
+
+
+def write_results(results, json_path):
     if json_path:
         Path(json_path).write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {json_path}")

@@ -26,11 +26,11 @@ z_l > 0 and the unit is kept: D_l = sign(h_l) * mask_l), so nothing else is stor
 
 The products themselves. On a CPU, in float32, they go through oneDNN (torch.ops.mkldnn, part of
 PyTorch's x86 builds) rather than torch's default BLAS, and the loop's weights are first laid out in
-oneDNN's blocked format for products of B rows (once per pass, not at every position). Measured on the
-README's machine (2 cores of an AMD EPYC with AVX-512), GFLOPS:
+oneDNN's blocked format for products of B rows (once per pass, not at every position). Measured by
+`python bench.py --products` on the README's machine (2 cores of an AMD EPYC with AVX-512), GFLOPS:
                                                  torch (MKL)   oneDNN   oneDNN, weight laid out
-    32 x 512 by 512 x 512 (the loop's)               142         214          337
-    512 x 2048 by 2048 x 512 (a weight's gradient)   206         379
+    32 x 512 by 512 x 512 (the loop's)               137         212          339
+    512 x 2048 by 2048 x 512 (a weight's gradient)   200         330
 It is the same float32 arithmetic, summed in another order. Anywhere else (float64, a GPU, a build
 without these ops) the loop uses torch's own products.
 

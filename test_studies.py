@@ -5,6 +5,7 @@ trained twice, each study's readings, the bench's pairing and its arithmetic (tr
     python -m pytest -q test_studies.py
 """
 
+import json
 import shutil
 import time
 
@@ -212,6 +213,19 @@ def test_bench_alternates_which_model_goes_first():
     firsts = [next(iter(bench.in_turn(models, r)))[0] for r in range(4)]
     assert firsts == ["transformer", "matrix-stack", "transformer", "matrix-stack"]
     assert sorted(bench.in_turn(models, 1)) == sorted(models.items())
+
+
+def test_bench_products_writes_every_way_it_timed(tmp_path):
+    import bptt
+    result = run("bench.py", "--products", "--quick", "--json", tmp_path / "products.json")
+    assert result.returncode == 0, result.stderr
+    found = json.loads((tmp_path / "products.json").read_text())["products"]
+    ways = ["torch"] + (["oneDNN", "oneDNN, weight laid out"] if bptt.USE_ONEDNN else [])
+    assert [way for way in found if way != "mask_ms_per_layer"] == ways
+    assert all(value > 0 for way in ways for value in found[way].values())
+    assert set(found["mask_ms_per_layer"]) == {"torch.rand", "bernoulli_"}
+    assert_one_line_error(run("bench.py", "--products", "--plot", tmp_path / "x.png"), "drop one")
+    assert_one_line_error(run("bench.py", "--products", "--compile"), "one at a time")
 
 
 def test_bench_refuses_an_output_folder_that_does_not_exist_before_measuring(tmp_path):
