@@ -7,6 +7,7 @@ length, for the Transformer and New-LLM at matched parameter counts.
     python bench.py --json results/bench.json --plot results/bench.png     # what the README shows (~5 minutes)
     python bench.py --compile --json results/bench_compiled.json           # compiled and eager (about 3 minutes)
     python bench.py --products                      # the report's model's products by torch and by oneDNN (seconds)
+    python bench.py --engine --json results/engine.json   # each piece of fast.py: the step with it on and off
     python bench.py --device cuda --json bench.json # the GPU sizes (to 64k tokens of context)
 
 Models (parameters counted without the Transformer's position table, which
@@ -18,7 +19,7 @@ only has to be long enough for the longest context measured):
                 the chunked delta rule (delta_rule.py)
   newllm-seed   the seed report's model at the same size, a loop over positions
 And the first command's model (`python train.py --arch newllm --context-dim 256`: the
-report's model at train.py's defaults) timed three ways: as trained (bptt.py's loop with its
+report's model at train.py's defaults) timed three ways: as trained (fast.py's loop with its
 backward written out), as the literal step-by-step definition through autograd, and as its
 matrix products alone (the same shapes in the same order, nothing else: about the least
 time a step doing these float32 products could take).
@@ -43,7 +44,7 @@ from pathlib import Path
 import torch
 
 import train
-from bptt import Products
+from fast import PIECES, Products, accelerate, lesson_only
 from cli import Parser, UserError, hardware, pick_device, run_script
 from models import build_model, count_params, state_bytes
 from plot import check_image_path
@@ -116,8 +117,8 @@ def train_throughput(model, length, tokens, device, repeats, forward=None):
 
 
 def step_products(config, batch, length, device):
-    """A function that does every matrix product of the report's model's training step (newllm.py, bptt.py),
-    the same shapes in the same order, by the same kind of product (bptt.Products.linear, weights laid out as
+    """A function that does every matrix product of the report's model's training step (newllm.py, fast.py),
+    the same shapes in the same order, by the same kind of product (fast.Products.linear, weights laid out as
     the loop lays them out, without the bias, ReLU or sum the loop fuses into some), and nothing else: about
     the least time a step doing these products can take. Only the shapes matter, so the inputs are random and
     the backward pass starts where the forward pass ended."""
@@ -153,7 +154,7 @@ def step_products(config, batch, length, device):
 
 
 def measure_products(results, device, rounds):
-    """What bptt.py's choice of products rests on, each timed by itself (the median of `rounds`): GFLOPS of the
+    """What fast.py's choice of products rests on, each timed by itself (the median of `rounds`): GFLOPS of the
     loop's product (32 x 512 by 512 x 512) and of a weight gradient's (512 x 2048 by 2048 x 512) by torch and,
     where this PyTorch has it, by oneDNN (with the loop's weight laid out, as the loop does); the cost of one
     call, from a product too small to take time (32 x 16 by 16 x 16); and the time to draw one layer's dropout
@@ -263,18 +264,22 @@ def main(argv=None):
     parser.add_argument("--compile", action="store_true",
                         help="time training of the three models compiled and eager, at lengths 256 and 2048 only "
                              "(about 3 minutes on a 2-core CPU, compiling included)")
+    parser.add_argument("--engine", action="store_true",
+                        help="time every model's training step with fast.py's pieces all on, all off (the lesson "
+                             "files alone) and all on but one: what each piece gains (a few minutes)")
     parser.add_argument("--products", action="store_true",
                         help="time the report's model's matrix products by themselves, by torch and by oneDNN "
-                             "(bptt.py), its cost per call and its dropout masks (seconds)")
+                             "(fast.py), its cost per call and its dropout masks (seconds)")
     args = parser.parse_args(argv)
     # refuse now, not after minutes of measuring
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise UserError(f"cannot write {args.json}: its folder does not exist, or it is a folder")
-    if args.compile and args.products:
-        raise UserError("--compile and --products measure different things: run them one at a time")
+    if args.compile + args.products + args.engine > 1:
+        raise UserError("--compile, --products and --engine measure different things: run them one at a time")
     if args.plot:
-        if args.compile or args.products:
-            raise UserError("--plot draws generation, which --compile and --products do not measure: drop one")
+        if args.compile or args.products or args.engine:
+            raise UserError("--plot draws generation, which --compile, --products and --engine do not measure: "
+                            "drop one")
         check_image_path(args.plot)
     device = pick_device(args.device)
     gpu = device.type == "cuda"
@@ -292,6 +297,10 @@ def main(argv=None):
         return
     if args.products:
         measure_products(results, device, rounds=1 if args.quick else 3)
+        write_results(results, args.json)
+        return
+    if args.engine:
+        measure_engine(results, device, repeats, rounds=1 if args.quick else 3)
         write_results(results, args.json)
         return
 
@@ -334,6 +343,45 @@ def measure_training(results, lengths, seed_lengths, device, repeats, rounds):
                                     params=count_params(model), rounds=turns)
     print(f"\nthe first command's model ({count_params(model):,} parameters, batch {defaults.batch_size} x "
           f"{defaults.block_size}): " + ", ".join(f"{k} {v:,.0f} tokens/s" for k, v in first.items()))
+
+
+def measure_engine(results, device, repeats, rounds):
+    """What each piece of fast.py gains: each model's training tokens/s with every piece on ("engine"), none
+    ("lesson"), and every piece but one, taking turns round by round. A piece's gain is the engine's speed over
+    the speed without it, minus 1, paired round by round (the whole engine's: over the lesson's)."""
+    lengths, tokens = [256, 2048], results["tokens_per_step"]
+    defaults = train.parse_args([])
+    torch.manual_seed(0)
+    first = build_model("newllm", vocab_size=VOCAB, block_size=defaults.block_size, context_dim=256).to(device)
+    cases = {name: (make(name, max(lengths), device)[0], lengths, tokens)
+             for name in ("transformer", "newllm-stack", "matrix-stack")}
+    cases["first command"] = (first, [defaults.block_size], defaults.batch_size * defaults.block_size)
+    found = results["engine"] = {}
+    print(f"fast.py's pieces: training tokens/s with each on and off, and each piece's gain ({rounds} rounds)")
+    for name, (model, model_lengths, model_tokens) in cases.items():
+        used = [p for p in PIECES if any(getattr(m, "fast", None) is not None
+                                         for m in accelerate(lesson_only(model), [p]).modules())]
+        variants = {"engine": PIECES, "lesson": []}
+        if len(used) > 1:
+            variants.update({f"without {p}": [q for q in PIECES if q != p] for p in used})
+        speeds = {v: {n: [] for n in model_lengths} for v in variants}
+        for r in range(rounds):
+            for n in model_lengths:
+                for variant, pieces in in_turn(variants, r):
+                    accelerate(lesson_only(model), pieces)
+                    speeds[variant][n].append(train_throughput(model, n, model_tokens, device, repeats))
+        accelerate(lesson_only(model))
+        gains = {n: {"engine": paired_ratio(speeds["engine"][n], speeds["lesson"][n]) - 1} for n in model_lengths}
+        for n in model_lengths:
+            for p in used:
+                without = speeds[f"without {p}"][n] if len(used) > 1 else speeds["lesson"][n]
+                gains[n][p] = paired_ratio(speeds["engine"][n], without) - 1
+        found[name] = {"pieces": used, "tokens_per_s": {v: medians(by_n) for v, by_n in speeds.items()},
+                       "gain": gains, "rounds": speeds}
+        for n in model_lengths:
+            print(f"  {name:<14} length {n:>5}: engine {statistics.median(speeds['engine'][n]):>8,.0f} tokens/s, "
+                  f"lesson {statistics.median(speeds['lesson'][n]):>8,.0f}; gain "
+                  + ", ".join(f"{p} {g:+.1%}" for p, g in gains[n].items()))
 
 
 def measure_generation(results, contexts, steps, device, rounds):

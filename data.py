@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import atomic_write
 from cli import UserError
+from newllm import IGNORE  # the target value every model's loss skips
+from run_folder import atomic_write
 
 CACHE_DIR = Path(__file__).resolve().parent / "data"
 
@@ -69,7 +70,6 @@ CORPORA = {
                              "seed-sentences.txt"),
 }
 
-IGNORE = -1  # target value that the loss skips (every model's loss: newllm.language_model_loss)
 SPECIALS = ["<PAD>", "<UNK>", "<BOS>", "<EOS>"]  # word ids 0-3, as in the seed report
 PAD, UNK, BOS, EOS = range(4)
 

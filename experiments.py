@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from checkpoint import read_json, read_log
+from run_folder import read_json, read_log
 from cli import Parser, UserError, hardware, pick_device, run_script
 from data import load_dataset
 from models import build_model, count_params

@@ -18,8 +18,8 @@ from dataclasses import asdict
 
 import torch
 
-from checkpoint import FORMAT
 from cli import UserError
+from fast import accelerate
 from newllm import NewLLM, NewLLMConfig
 from stack import ContextStack, StackConfig
 from transformer import Transformer, TransformerConfig
@@ -31,15 +31,17 @@ ARCHS = {  # name -> (config class, model class)
 }
 
 
-def build_model(arch, **config):
-    """Build an architecture from its config fields; an impossible size is a UserError."""
+def build_model(arch, fast=True, **config):
+    """Build an architecture from its config fields, with fast.py's engine unless fast=False (--no-fast: the
+    lesson files alone); an impossible size is a UserError."""
     if arch not in ARCHS:
         raise UserError(f"unknown architecture '{arch}' (choose {', '.join(ARCHS)})")
     config_class, model_class = ARCHS[arch]
     try:
-        return model_class(config_class(**config))
+        model = model_class(config_class(**config))
     except ValueError as error:  # the configs validate themselves with ValueError
         raise UserError(str(error)) from None
+    return accelerate(model) if fast else model
 
 
 def count_params(model):
@@ -48,15 +50,6 @@ def count_params(model):
 
 def model_config_dict(model):
     return asdict(model.config)
-
-
-def use_reference(model, on=True):
-    """Switch every layer that has a fast path to its readable definition (the tests and bench compare them):
-    the context cell's literal loop, the scans' loops, the short convolution's loop, attention written out."""
-    for module in model.modules():
-        if hasattr(type(module), "reference"):
-            module.reference = on
-    return model
 
 
 def state_tensors(state):
@@ -77,29 +70,8 @@ def state_bytes(state):
     return sum(t.numel() * t.element_size() for t in state_tensors(state))
 
 
-def model_from_checkpoint(checkpoint):
-    """Rebuild the model a checkpoint describes and load its weights (older layouts included)."""
-    arch, config, weights = checkpoint["arch"], checkpoint["model_config"], checkpoint["model"]
-    if checkpoint.get("format", 1) < FORMAT:
-        arch, config, weights = from_single_file_layout(arch, config, weights)
-    model = build_model(arch, **config)
-    model.load_state_dict(weights)
+def model_from_checkpoint(checkpoint, fast=True):
+    """Rebuild the model a checkpoint describes and load its weights."""
+    model = build_model(checkpoint["arch"], fast=fast, **checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
     return model
-
-
-def from_single_file_layout(arch, config, weights):
-    """Format 1 checkpoints kept both New-LLM models under arch "newllm": the report's model with
-    num_contexts 1, the stack with num_contexts >= 2. The same weights under today's names."""
-    if arch != "newllm":
-        return arch, config, weights
-    config = dict(config)
-    contexts = config.pop("num_contexts")
-    if contexts >= 2:
-        config.update(layers=contexts, mixer="vector")
-        return "stack", config, {k.removeprefix("core.").replace(".mixer.conv.", ".conv."): v for k, v in weights.items()}
-    if config.pop("gate") or config.pop("timescales"):
-        raise UserError("this format 1 checkpoint holds the report's model with --gate, whose gate then had a "
-                        "floor it no longer has: its outputs would change, so train it again")
-    for name in ("short_conv", "local_window", "heads"):
-        config.pop(name)
-    return arch, config, {k.replace("core.", "cell.", 1): v for k, v in weights.items()}

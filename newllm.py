@@ -24,11 +24,8 @@ author's later note):
     --context-norm  c_t = LayerNorm(c_t) after every update (the author's later note)
 
 h_t reads c_{t-1}, which needed h_{t-1}: the positions must be visited one after another,
-in training too. `ContextCell.step` is the definition, one position. `ContextCell.forward`
-runs the same loop with the token half of the first Linear moved out of it. For the report's
-own update (no gate, no norm) it also uses the hand-written backward pass of bptt.py, which
-sums each weight's gradient over all positions in one product (and, on a CPU, does its
-products with oneDNN). test_models.py checks that they agree.
+in training too. `ContextCell.step` is the definition, one position; `forward` runs it at every
+position. fast.py has the same loop with its backward pass written out (`--no-fast` turns it off).
 
 Built in stack.py instead: several contexts, gates that read only the input (so training
 runs in parallel), a matrix memory.
@@ -40,8 +37,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bptt import context_loop
-from data import IGNORE
+
+IGNORE = -1  # target value the loss skips (padding); data.py marks targets with it
 
 # -----------------------------------------------------------------------------
 # the recurrence: FNN([x_t ; c_{t-1}]) -> h_t -> c_t
@@ -49,8 +46,6 @@ from data import IGNORE
 
 class ContextCell(nn.Module):
     """The report's recurrence: h_t = FNN([x_t ; c_{t-1}]), then the context update."""
-
-    reference = False  # True: forward calls step position by position (the literal definition)
 
     def __init__(self, config):
         super().__init__()
@@ -60,24 +55,7 @@ class ContextCell(nn.Module):
         self.to_context = nn.Linear(H, C)  # the context head: delta_t (or the new value, gated)
         self.to_gate = nn.Linear(H, C) if config.gate else None
         self.norm = nn.LayerNorm(C) if config.context_norm else None
-
-    def rest_of_fnn(self, h):
-        """Everything in the FNN after its first Linear: ReLU -> Dropout, then L - 1 (Linear -> ReLU -> Dropout).
-        It is separate because forward computes that first Linear in two halves (see there)."""
-        h = F.dropout(F.relu(h), self.config.dropout, self.training)
-        for layer in self.fnn[1:]:
-            h = F.dropout(F.relu(layer(h)), self.config.dropout, self.training)
-        return h
-
-    def dropout_masks(self, like):
-        """Every dropout mask of a sequence, before the loop: L tensors shaped like `like` (T, B, H) of multipliers
-        0 or 1 / (1 - p); None when off. (One tensor per layer: bptt.py says why.) A unit is kept where a uniform
-        draw falls below 1 - p: on a CPU torch.rand fills a tensor in about half the time bernoulli_ takes."""
-        keep = 1 - self.config.dropout
-        if not self.training or keep == 1:
-            return None
-        return [torch.rand(like.shape, dtype=like.dtype, device=like.device).lt_(keep).div_(keep)
-                for _ in range(self.config.layers)]
+        self.fast = None  # fast.py's loop, for the report's own update; None: the definition below
 
     def update(self, context, h):
         """c_{t-1}, h_t -> c_t: added to, or gated; then normalised if asked."""
@@ -94,37 +72,19 @@ class ContextCell(nn.Module):
 
     def step(self, x, context):
         """One position, as REPORT.md writes it: x_t (B, E), c_{t-1} (B, C) -> h_t (B, H), c_t (B, C)."""
-        h = self.rest_of_fnn(self.fnn[0](torch.cat([x, context], dim=-1)))
+        h = torch.cat([x, context], dim=-1)  # [x_t ; c_{t-1}]  (B, E + C)
+        for layer in self.fnn:
+            h = F.dropout(F.relu(layer(h)), self.config.dropout, self.training)  # Linear -> ReLU -> Dropout
         return h, self.update(context, h)
 
     def forward(self, x):
-        """All positions: x (B, T, E) -> h (B, T, H). The same loop as step, with less work inside it."""
+        """All positions: x (B, T, E) -> h (B, T, H), one step after another."""
+        if self.fast is not None:
+            return self.fast(self, x)
         context = self.init_state(x.size(0), x.device).to(x.dtype)
-        if self.reference:
-            hiddens = []
-            for t in range(x.size(1)):
-                h, context = self.step(x[:, t], context)
-                hiddens.append(h)
-            return torch.stack(hiddens, dim=1)
-        # The first Linear reads [x_t ; c_{t-1}], i.e. W [x_t ; c] = W_x x_t + W_c c. Only W_c c needs the
-        # loop: the token half W_x x_t + b is done for every position in one matmul, before it.
-        E = self.config.embed_dim
-        token_weight = self.fnn[0].weight[:, :E]  # (H, E)
-        context_weight = self.fnn[0].weight[:, E:].contiguous()  # (H, C), copied once here, not at every position
-        token_part = F.linear(x, token_weight, self.fnn[0].bias)  # (B, T, H)
-        if self.to_gate is None and self.norm is None:  # the report's own update: its backward written out
-            # under bf16 autocast F.linear returns bf16; the summed context stays in float32
-            token_part = token_part.to(torch.promote_types(token_part.dtype, torch.float32))
-            token_part = token_part.transpose(0, 1).contiguous()  # (T, B, H): one position after another
-            weights = [p for layer in self.fnn[1:] for p in (layer.weight, layer.bias)]
-            hidden = context_loop(self.dropout_masks(token_part), token_part, context_weight,
-                                  *weights, self.to_context.weight, self.to_context.bias)  # (T, B, H)
-            return hidden.transpose(0, 1).to(x.dtype)
-        token_part = token_part.unbind(1)  # T tensors of (B, H)
         hiddens = []
         for t in range(x.size(1)):
-            h = self.rest_of_fnn(token_part[t] + F.linear(context, context_weight))  # FNN([x_t ; c_{t-1}])
-            context = self.update(context, h)
+            h, context = self.step(x[:, t], context)
             hiddens.append(h)
         return torch.stack(hiddens, dim=1)  # (B, T, H)
 

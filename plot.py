@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no window needed
 import matplotlib.pyplot as plt
 
-from checkpoint import read_json, read_log
+from run_folder import read_json, read_log
 from cli import Parser, UserError, run_script
 
 

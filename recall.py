@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 import train
-from checkpoint import load_checkpoint
+from run_folder import load_checkpoint
 from data import RecallTask
 from experiments import RESULTS, Row, header, run_rows, write_results
 from models import model_from_checkpoint, state_size
@@ -118,7 +118,7 @@ def matrix_row(budget, model, m, series, default):
 
 
 def load_model(run_dir, device):
-    return model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt", map_location=device)).to(device).eval()
+    return model_from_checkpoint(load_checkpoint(Path(run_dir) / "ckpt.pt")).to(device).eval()
 
 
 def recall_accuracy(model, num_pairs, vocab, length, device, sequences=512):

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint
+from run_folder import load_checkpoint
 from cli import Parser, UserError, check_seed, pick_device, run_script
 from data import tokenizer_from_state
 from models import model_from_checkpoint
@@ -75,7 +75,7 @@ def main(argv=None):
     check_seed(args.seed)
 
     device = pick_device(args.device)
-    checkpoint = load_checkpoint(args.ckpt, map_location=device)
+    checkpoint = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(checkpoint).to(device)
     tokenizer = tokenizer_from_state(checkpoint["tokenizer"])
     ids = tokenizer.encode(args.prompt) or tokenizer.start_ids()  # no prompt: a line break or <BOS>

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from run_folder import load_checkpoint
 from cli import UserError
 from data import load_dataset
 from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, improvement_rows, kept_rows,
@@ -349,7 +349,7 @@ def evaluation_noise(done, rows, device, data="shakespeare"):
 def batch_losses(path, run, device):
     """A checkpoint's validation loss on each of the fixed batches its run was evaluated on (train.py's)."""
     args = train.parse_args(run["flags"])  # the run's settings, read as train.py read them
-    model = model_from_checkpoint(load_checkpoint(path, map_location=device)).to(device).eval()
+    model = model_from_checkpoint(load_checkpoint(path)).to(device).eval()
     dataset = load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences, args.seed)
     batches = dataset.eval_batches("val", args.batch_size, args.eval_iters)
     with torch.no_grad():

@@ -19,45 +19,33 @@ the block's input u_t alone, never from the memory, so the memory can be compute
 positions at once (scan.py, delta_rule.py), and the model is a stack of L residual blocks
 shaped like a Transformer's with attention replaced by a memory ("several context vectors",
 the report's fix 1):
-    u_t = conv(LN(x))_t           --short-conv K: a causal depthwise conv over the last K inputs, so
-                                  patterns a few characters long need not pass through the memory
+    u_t = conv(LN(x))_t           --short-conv K: a causal depthwise conv over the last K inputs
     x  += W_o (norm(m_t) * silu(W_r u_t))   the memory's answer m_t, gated by the input (Mixer)
     x  += MLP(LN(x))
 
 The memory, chosen by --mixer:
-  vector  one context vector per block (the report's, with its fix 4, the gate):
+  vector  one context vector per block (the report's fix 4, the gate; as minGRU and HGRN gate):
             a_t = f + (1 - f) sigmoid(W_a u_t)     keep gate (--gate), with a floor f >= MIN_KEEP
             c_t = a_t * c_{t-1} + (1 - a_t) * W_v u_t                                        (C)
             c_t = c_{t-1} + W_v u_t                without --gate: the report's plain addition
             m_t = c_t
-          The floor f keeps the parallel scan inside float32's range (scan.py). --timescales
-          raises it per channel, from ~0 (forgets at once) to ~1 (remembers about T tokens):
-          fast and slow contexts by construction (the report's fix 2, a hierarchy).
-  matrix  one context matrix per head: a memory of key -> value associations, written with the
-          delta rule (Widrow-Hoff; DeltaNet, Schlag et al. 2021 and Yang et al. 2024):
+          The floor keeps the parallel scan inside float32's range (scan.py). --timescales raises
+          it per channel, from ~0 (forgets at once) to ~1 (remembers about T tokens): fast and
+          slow contexts by construction (the report's fix 2, a hierarchy).
+  matrix  one context matrix per head, written with the delta rule (DeltaNet; with --gate,
+          Gated DeltaNet; delta_rule.py):
             q_t, k_t, v_t = W_q u_t, W_k u_t, W_v u_t, split into nh heads; q, k L2-normalised
             beta_t = sigmoid(W_b u_t)            how strongly to write (one per head)
-            alpha_t = sigmoid(W_a u_t + 3)       keep gate (--gate, Gated DeltaNet; else 1)
+            alpha_t = sigmoid(W_a u_t + 3)       keep gate (--gate; else 1)
             S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T                (dv x dk)
             m_t = S_t q_t                        the heads' answers side by side              (C)
-          Why a matrix. The vector's update can only add: c_t = a c_{t-1} + b_t mixes the new
-          fact into everything already there, and reading it back gives the blend. The matrix
-          stores each value under its own key. S k_t is what the memory holds for k_t now, and
-          the update S + beta_t (v_t - S k_t) k_t^T replaces that one entry by v_t, leaving
-          the directions orthogonal to k_t untouched: it can look a fact up and overwrite it,
-          which is what associative recall needs (results/recall.md). Its size is still fixed:
-          nh * dv * dk numbers per block, whatever the length of the text. How many facts
-          it can hold apart depends most on the keys' width dk (that many directions are
-          orthogonal), so --key-dim can give the keys more room than the values, which only
-          carry the answer; results/recall.md shows where that stops helping. The same
-          parameters split into more, smaller heads go the other way: less recall, but more
-          write strengths and keep gates, and a slightly lower loss on text
-          (results/improvements.md, 8 heads against 2).
+          The vector can only add: c_t = a c_{t-1} + b_t blends each new fact into everything
+          already there. The matrix stores each value under its own key: S + beta (v - S k) k^T
+          replaces the entry for k_t and leaves the directions orthogonal to k_t untouched, so it
+          can look a fact up (results/recall.md). Still fixed in size: nh * dv * dk numbers per
+          block; --key-dim gives the keys more room than the values.
   --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
-          positions. The one variant with attention; its state is bounded by w, not by T.
-
-Left out on purpose: no attention except the hybrid's window; no custom kernels (both
-recurrences are plain PyTorch, so they also run on a laptop).
+          positions (sliding-window attention); its state is bounded by w, not by T.
 """
 
 import math
@@ -67,12 +55,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from delta_rule import at_least_float32, delta_rule_chunked, delta_rule_loop, delta_rule_step
+from delta_rule import at_least_float32, delta_rule_chunked, delta_rule_step
 from newllm import NewLLM, check_dropout, check_positive, language_model_loss
-from scan import MIN_KEEP, parallel_scan, sequential_scan
-from transformer import MLP, CausalSelfAttention, rows_padded
+from scan import MIN_KEEP, chunked_scan
+from transformer import MLP, CausalSelfAttention
 
 KEEP_OFFSET = 3.0  # the matrix keep gate starts near sigmoid(3) = 0.95: remember unless told to forget
 
@@ -83,17 +70,16 @@ KEEP_OFFSET = 3.0  # the matrix keep gate starts near sigmoid(3) = 0.95: remembe
 class ShortConv(nn.Module):
     """Causal depthwise convolution: u_t = bias + sum_j weight_j * x_{t-K+1+j}, channel by channel."""
 
-    reference = False  # True: the readable loop over taps below instead of CausalConv's written-out backward
-
     def __init__(self, channels, width):
         super().__init__()
         bound = 1 / math.sqrt(width)  # PyTorch's default for a depthwise Conv1d
         self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, K), oldest first
         self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
+        self.fast = None  # fast.py's version with its backward pass written out; None: the loop below
 
     def forward(self, x):
-        if not self.reference:
-            return CausalConv.apply(x, self.weight, self.bias)
+        if self.fast is not None:
+            return self.fast(x, self.weight, self.bias)
         T, K = x.size(1), self.weight.size(1)
         padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
         u = self.bias
@@ -105,47 +91,6 @@ class ShortConv(nn.Module):
         """x (B, E) and the last K - 1 inputs (B, K - 1, E) -> u (B, E) and the new last K - 1 inputs."""
         window = torch.cat([recent, x[:, None]], dim=1)  # (B, K, E), oldest first
         return self.bias + (window * self.weight.T).sum(dim=1), window[:, 1:]
-
-
-class CausalConv(torch.autograd.Function):
-    """ShortConv's forward pass, x (B, T, E), weight (E, K), bias (E) -> u (B, T, E), with its backward
-    written out. Tap j looks `lag` = K - 1 - j positions back; the positions before the first have no
-    input, so each tap touches only the T - lag positions that have one, and nothing is padded.
-    Autograd through the loop above would keep a padded copy of x, and for every tap build a zero
-    gradient the padded size and add them up: this does the same arithmetic in about half the passes
-    over memory (test_models.py checks it against the loop).
-
-    Each tap's E weights are copied into a row of their own first: weight[:, j] is a column, one
-    number every K in memory, and an elementwise op whose last axis is strided like that runs
-    unvectorised, about 4x slower than with the row (README, Speed)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        T, K = x.size(1), weight.size(1)
-        rows = weight.T.contiguous()  # (K, E): tap j's weights side by side
-        u = torch.addcmul(bias, x, rows[K - 1])  # the newest input, lag 0
-        for j, lag in taps(K, T):
-            u[:, lag:].addcmul_(x[:, : T - lag], rows[j])
-        ctx.save_for_backward(x, rows)
-        return u
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_u):
-        x, rows = ctx.saved_tensors
-        T, K = x.size(1), rows.size(0)
-        grad_x = grad_u * rows[K - 1]
-        grad_rows = torch.zeros_like(rows)  # stays 0 for taps that look back past the start: they see no input
-        grad_rows[K - 1] = (grad_u * x).sum((0, 1))
-        for j, lag in taps(K, T):  # x_s reaches u_{s + lag} through tap j
-            grad_x[:, : T - lag].addcmul_(grad_u[:, lag:], rows[j])
-            grad_rows[j] = (grad_u[:, lag:] * x[:, : T - lag]).sum((0, 1))
-        return grad_x, grad_rows.T, grad_u.sum((0, 1))
-
-
-def taps(K, T):
-    """(tap, lag) for every tap but the newest that reaches back to an input: lag = K - 1 - tap < T."""
-    return [(j, K - 1 - j) for j in range(K - 1) if K - 1 - j < T]
 
 
 def gate_floors(channels, timescales, longest):
@@ -165,30 +110,6 @@ def gate_floors(channels, timescales, longest):
 # the two memories: a context vector, a context matrix
 
 
-class UnitLength(torch.autograd.Function):
-    """y = x / |x| along the last axis (F.normalize's result), with its gradient written out:
-    dL/dx = (dL/dy - y (dL/dy . y)) / |x|, the part of dL/dy orthogonal to y, scaled: three passes over
-    memory in the backward pass, where autograd through x * rsqrt(sum(x * x)) takes about seven
-    (test_models.py checks it against F.normalize)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        inverse_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12).reciprocal()
-        y = x * inverse_norm
-        ctx.save_for_backward(y, inverse_norm)
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        y, inverse_norm = ctx.saved_tensors
-        along_y = torch.linalg.vecdot(grad_y, y, dim=-1)[..., None]
-        return torch.addcmul(grad_y, y, along_y, value=-1).mul_(inverse_norm)
-
-
-unit_length = UnitLength.apply
-
-
 class Mixer(nn.Module):
     """What both memories share: one input projection, and the gated read-out
     x += W_o (norm(m_t) * silu(W_r u_t)): the input decides, channel by channel, how much of
@@ -200,17 +121,13 @@ class Mixer(nn.Module):
         self.config = config
         self.sizes = sizes  # the widths of the memory's per-position inputs, in the order `inputs` returns them
         self.to_inputs = nn.Linear(E, sum(sizes))  # all of them in one matmul
-        self.extra = -sum(sizes) % 16  # zero rows that round it up to a multiple of 16 in training (as transformer.MLP)
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
+        self.fast = None  # fast.py's recurrence with its backward pass written out; None: the lesson's
 
     def inputs(self, u):
-        """W u_t, split into pieces of self.sizes. In training it is computed with `extra` zero rows,
-        as transformer.MLP does and for its reason: the matrix mixer's 516 outputs cost ~12% more
-        than 528 (forward and backward, README, Speed); the extra piece is never read."""
-        if not (self.extra and self.training):
-            return self.to_inputs(u).split(self.sizes, dim=-1)
-        return F.linear(u, *rows_padded(self.to_inputs, self.extra)).split([*self.sizes, self.extra], dim=-1)[:-1]
+        """W u_t, split into pieces of self.sizes."""
+        return self.to_inputs(u).split(self.sizes, dim=-1)
 
     def read_out(self, m, read):
         """m (..., C): what the memory returns; read (..., C): the read gate's input W_r u_t -> (..., E)."""
@@ -220,8 +137,6 @@ class Mixer(nn.Module):
 class VectorMixer(Mixer):
     """One context vector per block, written from the block's input only, read out gated."""
 
-    reference = False  # True: sequential_scan (the loop) instead of parallel_scan
-
     def __init__(self, config):
         # r_t (read gate), v_t (value) and, with --gate, the keep gate's logit: C each
         super().__init__(config, [config.context_dim] * (3 if config.gate else 2))
@@ -229,39 +144,36 @@ class VectorMixer(Mixer):
                              persistent=False)
 
     def coefficients(self, u):
-        """u (..., E) -> 1 - a_t (None without --gate), v_t (float32) and the read gate r_t, where
-        c_t = a_t * c_{t-1} + (1 - a_t) * v_t, or c_{t-1} + v_t without the gate."""
+        """u (..., E) -> a_t and 1 - a_t (None without --gate), v_t (float32) and the read gate's input."""
         read, value, *gate = self.inputs(u)
         value = at_least_float32(value)  # the scan sums many terms: never in bfloat16
         if not gate:
-            return None, value, read
-        # 1 - a_t = (1 - f)(1 - sigmoid(.)) = (1 - f) sigmoid(-.): written without the cancellation of 1 - a_t
-        write = (1 - self.floor) * torch.sigmoid(-at_least_float32(gate[0]))
-        return write, value, read
+            return None, None, value, read
+        z = at_least_float32(gate[0])
+        keep = self.floor + (1 - self.floor) * torch.sigmoid(z)  # a_t, never below the floor
+        write = (1 - self.floor) * torch.sigmoid(-z)  # 1 - a_t, without the rounding of 1 - keep near 1
+        return keep, write, value, read
 
     def forward(self, u):
-        write, value, read = self.coefficients(u)  # (B, T, C) each
-        if write is None:  # the report's plain addition: a_t = 1, b_t = v_t
+        keep, write, value, read = self.coefficients(u)  # (B, T, C) each
+        if keep is None:  # the report's plain addition: c_t = c_{t-1} + v_t
             log_a, b = torch.zeros_like(value), value
-        else:  # log a_t = log(1 - write), exact even where a_t is too close to 1 to round well
-            log_a, b = torch.log1p(-write), write * value
-        scan = sequential_scan if self.reference else parallel_scan
-        return self.read_out(scan(log_a, b), read)  # c for every position at once, read out: (B, T, E)
+        else:  # c_t = a_t c_{t-1} + (1 - a_t) v_t
+            log_a, b = keep.log(), write * value
+        c = (self.fast or chunked_scan)(log_a, b)  # c_t at every position at once (scan.py)
+        return self.read_out(c, read)  # (B, T, E)
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
 
     def step(self, u, context):
-        write, value, read = self.coefficients(u)
-        # a_t c_{t-1} + (1 - a_t) v_t: a step from c_{t-1} towards v_t
-        context = context + value if write is None else torch.lerp(context, value, write)
+        keep, write, value, read = self.coefficients(u)
+        context = context + value if keep is None else keep * context + write * value
         return self.read_out(context, read), context
 
 
 class MatrixMixer(Mixer):
     """One dv x dk context matrix per head, written with the (gated) delta rule, read out gated."""
-
-    reference = False  # True: delta_rule_loop (the definition) instead of delta_rule_chunked
 
     def __init__(self, config):
         # in order: r_t (C), q_t and k_t (nh * dk each), v_t (C), beta_t's and (--gate) alpha_t's logits (nh each)
@@ -274,7 +186,7 @@ class MatrixMixer(Mixer):
         read, qk, v, gates = self.inputs(u)
         # unit keys make k k^T a projection, so the delta rule's write can never blow the memory up;
         # unit queries read every head on the same scale
-        q, k = unit_length(at_least_float32(qk).unflatten(-1, (2 * nh, -1))).chunk(2, dim=-2)  # (..., nh, dk) each
+        q, k = F.normalize(at_least_float32(qk).unflatten(-1, (2 * nh, -1)), dim=-1).chunk(2, dim=-2)  # (..., nh, dk)
         v = v.unflatten(-1, (nh, -1))  # (..., nh, dv)
         beta, *alpha = at_least_float32(gates).split(nh, dim=-1)
         log_alpha = F.logsigmoid(alpha[0] + KEEP_OFFSET) if alpha else None
@@ -284,10 +196,7 @@ class MatrixMixer(Mixer):
         q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, dk or dv) and (B, T, nh)
         q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))  # heads first: (B, nh, T, ...)
         log_alpha = log_alpha.transpose(1, 2) if log_alpha is not None else None
-        if self.reference:
-            recalled = delta_rule_loop(q, k, v, beta, log_alpha)
-        else:
-            recalled = delta_rule_chunked(q, k, v, beta, log_alpha)
+        recalled = (self.fast or delta_rule_chunked)(q, k, v, beta, log_alpha)  # m_t = S_t q_t (delta_rule.py)
         return self.read_out(recalled.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t (B, T, C), read out: (B, T, E)
 
     def init_state(self, batch_size, device):
@@ -301,24 +210,17 @@ class MatrixMixer(Mixer):
 
 
 class LocalAttention(CausalSelfAttention):
-    """The hybrid's attention (--local-window w): the Transformer's, restricted to the last w positions."""
+    """The hybrid's attention (--local-window w): the Transformer's, restricted to the last w positions
+    (sliding-window attention)."""
 
     def __init__(self, config):
         super().__init__(config)
         self.window = config.local_window
 
     def forward(self, x):
-        B, T, E = x.shape
-        q, k, v = map(self.split_heads, self.qkv(x).split(E, dim=2))
-        t = torch.arange(T, device=x.device)
+        t = torch.arange(x.size(1), device=x.device)
         lag = t[:, None] - t[None, :]  # (T, T): how far back key s is from query t
-        band = (lag >= 0) & (lag < self.window)
-        if self.reference:
-            y = self.attend_reference(q, k, v, allowed=band)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=band,
-                                               dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hd)
-        return self.proj(y.transpose(1, 2).reshape(B, T, E))
+        return super().forward(x, allowed=(lag >= 0) & (lag < self.window))
 
     def step(self, x, cache):
         y, (k, v) = super().step(x, cache)

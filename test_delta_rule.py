@@ -3,7 +3,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fast
+import delta_rule
 from delta_rule import delta_rule_chunked, delta_rule_loop, delta_rule_step
+
+# the lesson's chunked form (autograd) and the engine's (backward written out): both must equal the loop
+CHUNKED = pytest.mark.parametrize("chunked", [delta_rule.delta_rule_chunked, fast.delta_rule_chunked],
+                                  ids=["lesson", "fast"])
 
 
 def make_inputs(B=2, H=3, T=37, dk=8, dv=6, gated=True, dtype=torch.float64):
@@ -31,20 +37,22 @@ def rel_err(a, b):
 @pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("T", [37, 32, 5])  # padded to 3 chunks of 16, exactly 2, one short chunk
 @pytest.mark.parametrize("gated", [True, False])
-def test_chunked_equals_loop(dtype, tol, T, gated):
-    """Chunked == loop in values and in gradients w.r.t. q, k, v, beta, log_alpha (its backward is written out)."""
+@CHUNKED
+def test_chunked_equals_loop(dtype, tol, T, gated, chunked):
+    """Chunked == loop in values and in gradients w.r.t. q, k, v, beta, log_alpha."""
     torch.manual_seed(0)
     inputs = make_inputs(T=T, gated=gated, dtype=dtype)
     w = torch.randn(2, 3, T, 6, dtype=dtype)
     o_ref, g_ref = output_and_grads(delta_rule_loop, inputs, w)
-    o, g = output_and_grads(lambda *x: delta_rule_chunked(*x, chunk=16), inputs, w)
+    o, g = output_and_grads(lambda *x: chunked(*x, chunk=16), inputs, w)
     assert o.dtype == dtype
     assert rel_err(o, o_ref) <= tol
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) <= tol
 
 
-def test_chunked_takes_heads_first_views():
+@CHUNKED
+def test_chunked_takes_heads_first_views(chunked):
     """The matrix mixer passes heads-first views of positions-first tensors (a transpose, not a copy):
     the chunked form gives the loop's values and gradients for those too, over several chunks."""
     torch.manual_seed(0)
@@ -52,19 +60,20 @@ def test_chunked_takes_heads_first_views():
     assert not inputs[0].is_contiguous()
     w = torch.randn(2, 3, 37, 6, dtype=torch.float64)
     o_ref, g_ref = output_and_grads(delta_rule_loop, inputs, w)
-    o, g = output_and_grads(lambda *x: delta_rule_chunked(*x, chunk=16), inputs, w)
+    o, g = output_and_grads(lambda *x: chunked(*x, chunk=16), inputs, w)
     assert rel_err(o, o_ref) <= 1e-10
     for a, b in zip(g, g_ref):
         assert rel_err(a, b) <= 1e-10
 
 
-def test_bfloat16_autocast():
+@CHUNKED
+def test_bfloat16_autocast(chunked):
     """Under bf16 autocast with bf16 inputs, chunked runs in float32 inside: bf16 out, finite, close to the loop."""
     torch.manual_seed(0)
     inputs = [x.detach().bfloat16().requires_grad_() if x is not None else None
               for x in make_inputs(T=37, dtype=torch.float32)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        o = delta_rule_chunked(*inputs, chunk=16)
+        o = chunked(*inputs, chunk=16)
     o_ref = delta_rule_loop(*[x.detach().float() for x in inputs])  # same bf16-rounded inputs, in float32
     assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
     # 2**-8: the computation is float32, so only the final rounding of o to bf16 (<= 2**-9 relative) separates

@@ -1,8 +1,9 @@
 """
-Behaviour of the models and the data against references: the fast paths equal
-the definitions, the future never leaks into the past, the recurrent step
-equals the full forward pass, parameter counts equal the formulas and the
-seed report's numbers, tokenizers and checkpoints round-trip.
+Behaviour of the models and the data against references: the future never leaks
+into the past, the recurrent step (the definition) equals the full forward pass (the
+parallel form, with and without the engine), parameter counts equal the formulas and the
+seed report's numbers, tokenizers and checkpoints round-trip. test_fast.py checks the
+engine piece by piece.
 
     python -m pytest -q
 """
@@ -13,17 +14,15 @@ import random
 import pytest
 import torch
 
-import bptt
 import data
-from checkpoint import load_checkpoint, save_checkpoint
 from cli import UserError
 from data import (BOS, EOS, IGNORE, PAD, CharTokenizer, RecallTask, SentenceSet, WordTokenizer, load_dataset,
                   read_text_file)
-from models import build_model, count_params, model_from_checkpoint, state_size, use_reference
+from models import build_model, count_params, model_from_checkpoint, state_size
+from run_folder import load_checkpoint, save_checkpoint
 from sample import generate
-from scan import MIN_KEEP, parallel_scan, sequential_scan
-from stack import ShortConv, gate_floors, unit_length
-from transformer import MLP, TransformerConfig
+from scan import MIN_KEEP
+from stack import gate_floors
 
 V, T = 23, 24
 TINY = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, dropout=0.0)
@@ -47,74 +46,14 @@ VARIANTS = {
 }
 
 
-def tiny(name):
+def tiny(name, fast=True, **overrides):
     torch.manual_seed(0)
     arch, config = VARIANTS[name]
-    return build_model(arch, **config).eval()
+    return build_model(arch, fast=fast, **dict(config, **overrides)).eval()
 
 
 # -----------------------------------------------------------------------------
 # the models
-
-
-def test_report_model_backward_with_dropout_equals_autograd():
-    """bptt.py's hand-written backward pass, with dropout on, gives autograd's gradients through the same
-    loop with the same masks (the default variant test above covers it with dropout off)."""
-    torch.manual_seed(0)
-    model = build_model("newllm", **dict(TINY, layers=3, dropout=0.3)).double().train()
-    cell, idx = model.cell, torch.randint(V, (2, T))
-    masks = cell.dropout_masks(torch.empty(T, 2, TINY["hidden_dim"], dtype=torch.float64))
-    assert len(masks) == 3 and set(torch.cat(masks).unique().tolist()) == {0.0, 1 / 0.7}
-    cell.dropout_masks = lambda like: masks
-    weights = torch.randn(2, T, TINY["hidden_dim"], dtype=torch.float64)
-
-    def autograd_loop(x):  # newllm.py's equations, written out, with the masks above
-        context, hiddens = torch.zeros(2, TINY["context_dim"], dtype=torch.float64), []
-        for t in range(T):
-            h = torch.relu(cell.fnn[0](torch.cat([x[:, t], context], dim=-1))) * masks[0][t]
-            for l, layer in enumerate(cell.fnn[1:], start=1):
-                h = torch.relu(layer(h)) * masks[l][t]
-            context = context + cell.to_context(h)
-            hiddens.append(h)
-        return torch.stack(hiddens, dim=1)
-
-    results = []
-    for forward in (cell, autograd_loop):
-        x = model.embed(idx).detach().requires_grad_()
-        model.zero_grad()
-        (forward(x) * weights).sum().backward()
-        results.append([x.grad] + [p.grad.clone() for p in cell.parameters()])
-    for fast, reference in zip(*results):
-        assert torch.allclose(fast, reference, rtol=1e-9, atol=1e-12)
-
-
-def test_dropout_masks_keep_each_unit_with_probability_1_minus_p():
-    torch.manual_seed(0)
-    cell = build_model("newllm", **dict(TINY, layers=2, dropout=0.25)).cell.train()
-    masks = cell.dropout_masks(torch.empty(64, 32, 128, dtype=torch.float64))
-    assert len(masks) == 2 and not torch.equal(masks[0], masks[1])
-    for mask in masks:
-        assert set(mask.unique().tolist()) == {0.0, 1 / 0.75}
-        assert (mask > 0).double().mean().item() == pytest.approx(0.75, abs=0.01)  # 262k units: 0.0008 std
-    assert cell.eval().dropout_masks(masks[0]) is None
-
-
-@pytest.mark.skipif(not bptt.onednn_available(), reason="this build of PyTorch has no oneDNN")
-def test_onednn_products_equal_torchs(monkeypatch):
-    """In float32 on a CPU the report's loop multiplies with oneDNN (bptt.py): the same loss and gradients as
-    torch's own products, up to float32 rounding, with dropout on (the same masks)."""
-    model = build_model("newllm", **dict(TINY, layers=3, dropout=0.3)).train()
-    idx = torch.randint(V, (4, T))
-    results = []
-    for onednn in (True, False):
-        monkeypatch.setattr(bptt, "USE_ONEDNN", onednn)
-        assert bptt.Products(idx.float()).onednn == onednn
-        torch.manual_seed(1)
-        results.append(loss_and_gradients(model, model, idx))
-    (loss, grads), (torch_loss, torch_grads) = results
-    assert loss == pytest.approx(torch_loss, rel=1e-5)
-    for got, expected in zip(grads, torch_grads):
-        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -131,32 +70,23 @@ def test_causal(name):
     assert not torch.allclose(before[:, 10:], after[:, 10:], atol=1e-3)  # the future does matter later
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["engine", "lesson"])
 @pytest.mark.parametrize("name", VARIANTS)
-def test_step_equals_forward(name):
-    """Generation's recurrent step (context vector, context matrix or KV cache) gives the forward pass's logits."""
-    model = tiny(name)
-    idx = torch.randint(V, (3, T))
+def test_step_equals_forward(name, fast):
+    """Generation's recurrent step (context vector, context matrix or KV cache) gives the forward pass's logits,
+    over several chunks of the scan (16) and of the delta rule (32) where the model has no position table."""
+    arch, config = VARIANTS[name]
+    length = T if arch != "stack" else 77
+    model = tiny(name, fast, block_size=length)
+    idx = torch.randint(V, (3, length))
     with torch.no_grad():
         logits, _ = model(idx)
     state = model.init_state(3, "cpu")
     stepped = []
-    for t in range(T):
+    for t in range(length):
         step_logits, state = model.step(idx[:, t], state)
         stepped.append(step_logits)
     assert torch.allclose(torch.stack(stepped, dim=1), logits, atol=1e-5)
-
-
-@pytest.mark.parametrize("name", VARIANTS)
-def test_fast_path_equals_reference(name):
-    """Every fast path (the cell's batched token half, the scans' chunks, the short convolution's written-out
-    backward, fused attention) gives the readable definition's loss and gradients, in float64."""
-    model = tiny(name).double()
-    idx = torch.randint(V, (2, T))
-    results = []
-    for reference in (True, False):
-        use_reference(model, reference)
-        results.append(loss_and_gradients(model, model, idx))
-    assert_same_loss_and_gradients(*results)
 
 
 def loss_and_gradients(model, forward, idx):
@@ -185,100 +115,6 @@ def test_compiled_model_equals_eager(name):
                                    loss_and_gradients(model, torch.compile(model, backend="eager"), idx))
     if name.startswith("stack"):  # nothing left out of the graph
         assert torch._dynamo.explain(model)(idx, idx).graph_break_count == 0
-
-
-@pytest.mark.parametrize("gates", ["any", "at the floor"])
-@pytest.mark.parametrize("dtype,tol,autocast", [(torch.float64, 1e-12, False), (torch.float32, 1e-5, False),
-                                                (torch.float32, 1e-5, True)])
-def test_parallel_scan_equals_loop(dtype, tol, autocast, gates):
-    """The chunked scan equals the loop in value and gradient, over many chunks, for any keep gate
-    the models can produce (MIN_KEEP .. 1) and with every gate forgetting as fast as it can;
-    relative to the largest value, 1e-5 in float32, also under bfloat16 autocast (the scan's
-    sums must not drop to bfloat16: they would be ~5e-2 off)."""
-    torch.manual_seed(0)
-    keep = torch.rand(2, 300, 8, dtype=dtype) if gates == "any" else torch.ones(2, 300, 8, dtype=dtype)
-    log_a = (keep * math.log(MIN_KEEP)).requires_grad_()
-    b = torch.randn(2, 300, 8, dtype=dtype).requires_grad_()
-    weights = torch.randn(2, 300, 8, dtype=dtype)
-    outputs, grads = [], []
-    for scan in (sequential_scan, parallel_scan):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and scan is parallel_scan):
-            c = scan(log_a, b)
-        (c * weights).sum().backward()
-        outputs.append(c.detach())
-        grads.append((log_a.grad.clone(), b.grad.clone()))
-        log_a.grad, b.grad = None, None
-    for loop, chunked in [outputs] + list(zip(*grads)):
-        assert (loop - chunked).abs().max() <= tol * loop.abs().max()
-
-
-@pytest.mark.parametrize("width,length", [(4, 9), (4, 2), (1, 5), (3, 3)])
-def test_short_conv_equals_its_loop(width, length):
-    """The short convolution's written-out backward (CausalConv) gives the loop's values and gradients,
-    also where taps look back past the first position (length < width) and with a single tap."""
-    torch.manual_seed(0)
-    conv = ShortConv(6, width).double()
-    x = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, length, 6, dtype=torch.float64)
-    results = []
-    for reference in (True, False):
-        conv.reference = reference
-        u = conv(x)
-        results.append([u.detach()] + list(torch.autograd.grad((u * weights).sum(), [x, *conv.parameters()])))
-    for loop, fast in zip(*results):
-        assert torch.allclose(fast, loop, rtol=1e-12, atol=1e-14)
-
-
-def test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp():
-    """An MLP whose width is not a multiple of 16 is computed with extra zero units: the same
-    output and gradients as Linear -> GELU -> Linear at its own width."""
-    torch.manual_seed(0)
-    mlp = MLP(TransformerConfig(vocab_size=V, embed_dim=8, hidden_dim=20, heads=2))
-    assert mlp.extra == 12
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    plain = mlp.down(torch.nn.functional.gelu(mlp.up(x)))
-    padded = mlp(x)
-    weights = torch.randn(3, 5, 8)
-    inputs = [x, *mlp.parameters()]
-    grads_plain = torch.autograd.grad((plain * weights).sum(), inputs)
-    grads_padded = torch.autograd.grad((padded * weights).sum(), inputs)
-    assert torch.allclose(padded, plain, atol=1e-6)
-    for a, b in zip(grads_padded, grads_plain):
-        assert a.shape == b.shape and torch.allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.parametrize("config,extra", [(MATRIX, 10), (STACK, 12)])
-def test_mixer_input_projection_padded_to_a_multiple_of_16_is_the_plain_one(config, extra):
-    """The mixers' input projections (matrix: 2C + 2 nh dk + 2 nh outputs, 24 + 24 + 6 = 54; vector: 3C = 36)
-    are computed in training with zero rows up to a multiple of 16: the same output and gradients as
-    without (eval mode)."""
-    torch.manual_seed(0)
-    model = build_model("stack", **dict(config, context_norm=True)).double()
-    mixer = model.blocks[0].mixer
-    assert mixer.extra == extra
-    u = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, 7, MATRIX["embed_dim"], dtype=torch.float64)
-    results = []
-    for training in (False, True):
-        mixer.train(training)
-        out = mixer(u)
-        results.append([out.detach()] + list(torch.autograd.grad((out * weights).sum(), [u, *mixer.parameters()])))
-    for plain, padded in zip(*results):
-        assert plain.shape == padded.shape and torch.allclose(padded, plain, rtol=1e-12, atol=1e-14)
-
-
-def test_unit_length_is_normalize():
-    """The matrix mixer's unit keys and queries (UnitLength, gradient written out) are F.normalize's,
-    values and gradients."""
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(3, 5, 8, dtype=torch.float64)
-    results = []
-    for normalize in (lambda x: torch.nn.functional.normalize(x, dim=-1), unit_length):
-        y = normalize(x)
-        results.append((y.detach(), torch.autograd.grad((y * weights).sum(), x)[0]))
-    for reference, fast in zip(*results):
-        assert torch.allclose(fast, reference, rtol=1e-12, atol=1e-14)
 
 
 def test_seed_gate_is_the_reports_equation():
@@ -323,32 +159,13 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert torch.equal(model(idx)[0], loaded(idx)[0])
 
 
-def format_1(model, **old_fields):
-    """A checkpoint as format 1 wrote it: both New-LLM models under arch 'newllm' (num_contexts told them
-    apart), their weights under core., the conv inside the mixer, no format number."""
-    fields = dict(vocab_size=V, block_size=T, embed_dim=16, context_dim=12, hidden_dim=32, layers=None,
-                  num_contexts=1, dropout=0.0, pos_embed=True, context_norm=False, gate=False, timescales=False,
-                  short_conv=0, local_window=0, heads=4)
-    weights = {("core." + k if k.startswith(("blocks", "ln_final")) else k.replace("cell.", "core.", 1))
-               .replace(".conv.", ".mixer.conv."): v for k, v in model.state_dict().items()}
-    return {"arch": "newllm", "model_config": dict(fields, **old_fields), "model": weights,
-            "tokenizer": {"kind": "symbol", "vocab_size": V}}
-
-
-def test_format_1_checkpoints_still_load(tmp_path):
-    """The same weights come back under today's names: a stack, and the report's model without a gate;
-    the report's model with a gate (whose gate then had a floor) is refused in one line."""
-    idx = torch.randint(V, (2, T))
-    stack, seed = tiny("stack+norm+timescales+conv"), tiny("seed")
-    for model, old in ((stack, format_1(stack, num_contexts=2, gate=True, context_norm=True, timescales=True,
-                                        short_conv=3, pos_embed=False)),
-                       (seed, format_1(seed, layers=3))):
-        torch.save(old, tmp_path / "old.pt")
-        loaded = model_from_checkpoint(load_checkpoint(tmp_path / "old.pt")).eval()
-        assert type(loaded) is type(model) and torch.equal(loaded(idx)[0], model(idx)[0])
-    torch.save(format_1(tiny("seed+norm+gate"), layers=2, gate=True, context_norm=True), tmp_path / "old.pt")
-    with pytest.raises(UserError, match="then had a floor"):
-        model_from_checkpoint(load_checkpoint(tmp_path / "old.pt"))
+def test_a_checkpoint_of_an_earlier_layout_is_refused_in_one_line(tmp_path):
+    """Format 1 (both New-LLM models under arch "newllm", no format number) is no longer read: refused, named."""
+    model = tiny("seed")
+    torch.save({"arch": "newllm", "model_config": dict(model.config.__dict__, num_contexts=1), "model": model.state_dict(),
+                "tokenizer": {"kind": "symbol", "vocab_size": V}}, tmp_path / "old.pt")
+    with pytest.raises(UserError, match="earlier version of this lab .layout 1"):
+        load_checkpoint(tmp_path / "old.pt")
 
 
 def test_generation_outruns_the_position_table():

@@ -188,10 +188,10 @@ def test_bench_products_only_are_the_report_models_arithmetic(monkeypatch):
     """The bench's ceiling for the first command replays every matrix product of the report's model's training
     step and nothing else: as many floating-point operations as the model's own forward and backward pass,
     counted by PyTorch, with dropout on and with a different number of layers. (PyTorch's counter does not see
-    oneDNN's products, so both use torch's here; they are the same products either way: bptt.Products.)"""
+    oneDNN's products, so both use torch's here; they are the same products either way: fast.Products.)"""
     import bench
-    import bptt
-    monkeypatch.setattr(bptt, "USE_ONEDNN", False)
+    import fast
+    monkeypatch.setattr(fast, "ONEDNN_WORKS", False)
     from models import build_model
     from torch.utils.flop_counter import FlopCounterMode
     torch.manual_seed(0)
@@ -216,11 +216,11 @@ def test_bench_alternates_which_model_goes_first():
 
 
 def test_bench_products_writes_every_way_it_timed(tmp_path):
-    import bptt
+    import fast
     result = run("bench.py", "--products", "--quick", "--json", tmp_path / "products.json")
     assert result.returncode == 0, result.stderr
     found = json.loads((tmp_path / "products.json").read_text())["products"]
-    ways = ["torch"] + (["oneDNN", "oneDNN, weight laid out"] if bptt.USE_ONEDNN else [])
+    ways = ["torch"] + (["oneDNN", "oneDNN, weight laid out"] if fast.ONEDNN_WORKS else [])
     assert [way for way in found if way != "mask_ms_per_layer"] == ways
     assert all(value > 0 for way in ways for value in found[way].values())
     assert set(found["mask_ms_per_layer"]) == {"torch.rand", "bernoulli_"}

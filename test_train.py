@@ -29,7 +29,7 @@ except ImportError:  # Windows
 
 import data
 import train
-from checkpoint import FolderLock, load_checkpoint, save_checkpoint
+from run_folder import FolderLock, load_checkpoint, save_checkpoint
 from cli import UserError, run_script
 from conftest import write_corpus
 from test_models import seed_params, transformer_params
@@ -284,10 +284,10 @@ def test_killed_mid_write_leaves_the_old_checkpoint(tmp_path):
 def test_sigkill_mid_write_never_corrupts(tmp_path):
     """Kill a process that rewrites a 40 MB checkpoint in a loop; the file always loads."""
     path = tmp_path / "ckpt.pt"
-    script = ("import torch, checkpoint\n"
+    script = ("import torch, run_folder\n"
               "c = {'arch': 'newllm', 'model_config': {}, 'tokenizer': {}, 'model': {'w': torch.randn(10_000_000)}}\n"
-              f"checkpoint.save_checkpoint({str(path)!r}, c)\nprint('ready', flush=True)\n"
-              f"while True: checkpoint.save_checkpoint({str(path)!r}, c)\n")
+              f"run_folder.save_checkpoint({str(path)!r}, c)\nprint('ready', flush=True)\n"
+              f"while True: run_folder.save_checkpoint({str(path)!r}, c)\n")
     for delay in (0.05, 0.3):
         proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"

@@ -14,32 +14,28 @@ evaluation), ckpt.pt (the best validation loss) and last.pt (the latest state, f
 
 Read main() and train() top to bottom: setup, data, model, optimiser, then the loop
 (evaluate and save -> step -> log -> stop). After them come the small pieces they call
-(estimate_loss, get_lr, schedule), the flags, and then the safety machinery (the folder
-lock, checkpoints, resuming, signals, several processes), which a first reading can skip.
+(estimate_loss, get_lr, schedule) and the flags. The run's folder (lock, checkpoints,
+resuming, signals) is run_folder.py's, several processes processes.py's.
 """
 
 import argparse
-import json
 import math
-import os
-import signal
 import sys
 import time
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext
+from dataclasses import fields
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from checkpoint import (FolderLock, UnreadableCheckpoint, atomic_write, load_checkpoint, read_json, read_log,
-                        save_checkpoint)
 from cli import Parser, UserError, check_seed, hardware, pick_device, run_script
 from data import IGNORE, describe, load_dataset
 from models import ARCHS, build_model, count_params, model_config_dict
 from presets import PRESETS
+from processes import Processes
+from run_folder import (Diverged, Progress, TrainingDiverged, claim_out_dir, load_checkpoint, log_line, read_json,
+                        resume, rng_state, save_state, stop_signals, trim_log, write_json)
 from sample import generate
 
 # -----------------------------------------------------------------------------
@@ -63,7 +59,7 @@ def main(argv=None):
     # model: built from the flags, with the same initial weights in every process
     torch.manual_seed(args.seed)
     model_config = model_config_from_args(args, dataset.tokenizer.vocab_size)
-    model = build_model(args.arch, **model_config)
+    model = build_model(args.arch, fast=args.fast, **model_config)  # fast=False: the lesson files alone
     n_params = count_params(model)
     say(f"params: {n_params}")
     if args.dry_run:
@@ -200,15 +196,6 @@ def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, aut
     return metrics
 
 
-def save_state(names, model, optimizer, dataset, args, proc, run, rng_states=None):
-    """Write the run's state under each name in --out-dir (every process's random state, gathered)."""
-    rng_states = rng_states or proc.gather(rng_state(dataset, proc.device))
-    if proc.master:
-        checkpoint = make_checkpoint(model, optimizer, dataset, args, run, rng_states)
-        for name in names:
-            save_checkpoint(Path(args.out_dir) / name, checkpoint)
-
-
 def check_finite(losses, step):
     """Stop at the first NaN or infinite loss, naming its step (losses are the last len(losses) steps')."""
     for i, value in enumerate(losses):
@@ -323,6 +310,8 @@ def build_parser():
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     g.add_argument("--amp", action=bool_flag, default=True, help="bfloat16 autocast on CUDA")
     g.add_argument("--compile", action=bool_flag, default=False, help="torch.compile the model")
+    g.add_argument("--fast", action=bool_flag, default=True,
+                   help="use fast.py's engine (--no-fast: the models exactly as the lesson files write them)")
     g.add_argument("--out-dir", help="where the run's files go (default runs/<preset or arch>)")
     g.add_argument("--resume", nargs="?", const="last.pt", metavar="CHECKPOINT",
                    help="continue the run in --out-dir from last.pt (or from the checkpoint named, e.g. ckpt.pt)")
@@ -401,222 +390,6 @@ def model_config_from_args(args, vocab_size):
                             f"choose a preset for --arch {args.arch} or drop --arch")
         raise UserError(f"{as_flags(foreign)} do(es) not apply to --arch {args.arch}")
     return {**{k: v for k, v in given.items() if k in names}, "vocab_size": vocab_size}
-
-
-# -----------------------------------------------------------------------------
-# the run's files: the folder lock, checkpoints, the log
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved in every checkpoint and taken back on --resume."""
-    step: int = 0
-    best_val_loss: float = float("inf")
-    last_eval_step: int = -1
-    elapsed_s: float = 0.0        # wall-clock time, evaluation included
-    train_time_s: float = 0.0     # time spent in optimiser steps only
-
-
-def claim_out_dir(out_dir, args):
-    """Lock --out-dir for this run, then refuse to mix two runs in it unless resuming or overwriting."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out-dir {out_dir} is a file")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise UserError(f"cannot create {out_dir}: {error.strerror}") from None
-    lock = FolderLock(out_dir)  # a second live run stops here, before anything is touched
-    run_files = [out_dir / name for name in ("config.json", "log.jsonl", "ckpt.pt", "last.pt")]
-    # config.json alone is a run that ended before it saved anything (out of memory at its first step, say):
-    # there is nothing in it to continue or to lose, so a new run simply replaces it
-    if any(f.exists() for f in run_files[1:]) and not args.resume:
-        if not args.overwrite:
-            lock.release()
-            raise UserError(f"{out_dir} already holds a run: add --resume to continue it or --overwrite to replace it")
-        for f in run_files:
-            f.unlink(missing_ok=True)
-    return lock
-
-
-def make_checkpoint(model, optimizer, dataset, args, run, rng_states):
-    """Everything needed to use the model alone, or to continue the run exactly (checkpoint.py)."""
-    return {"arch": args.arch, "model_config": model_config_dict(model), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "tokenizer": dataset.tokenizer.state_dict(),
-            "data": dataset.identity, **asdict(run), "rng": rng_states, "args": vars(args)}
-
-
-def resume(out_dir, args, model, optimizer, dataset, proc):
-    """Load the run's checkpoint into model and optimiser; check it is the same run and the same data."""
-    path = out_dir / args.resume
-    try:
-        checkpoint = load_checkpoint(path, map_location=proc.device)
-    except UnreadableCheckpoint as error:
-        raise UserError(f"{error}. {intact_alternative(out_dir, path)}") from None
-    if "format" not in checkpoint:
-        raise UserError(f"{path} was written by an earlier version of train.py: sample.py still reads it, "
-                        "but a run to resume must be started with this version")
-    check_same_run(checkpoint, args, model, dataset)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    states = checkpoint["rng"]
-    if len(states) == proc.world_size:
-        set_rng_state(states[proc.rank], dataset, proc.device)
-    elif proc.master:
-        print(f"note: the run was written by {len(states)} process(es), not {proc.world_size}: batches will differ")
-    return Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
-
-
-def intact_alternative(out_dir, damaged):
-    """The sentence that says which other checkpoint in the folder is whole, and how to continue from it."""
-    for name in ("last.pt", "ckpt.pt"):
-        other = out_dir / name
-        if other != damaged and other.is_file():
-            try:
-                step = load_checkpoint(other)["step"]
-            except UserError:
-                continue
-            return (f"{other} (step {step}) is intact: continue from it with "
-                    f"python train.py --out-dir {out_dir} --resume {name}")
-    return f"No intact checkpoint is left in {out_dir}: start again with --overwrite"
-
-
-def check_same_run(checkpoint, args, model, dataset):
-    """The checkpoint must hold this architecture, shape and vocabulary, and (unless --new-data) this text."""
-    if checkpoint["arch"] != args.arch:
-        raise UserError(f"the checkpoint holds a {checkpoint['arch']} model, but --arch {args.arch} was asked for")
-    if checkpoint["tokenizer"] != dataset.tokenizer.state_dict():
-        raise UserError("the checkpoint's vocabulary differs from this data's: "
-                        "resume with the data and tokenizer it was trained on")
-    differ = [f"{k} {checkpoint['model_config'].get(k)} vs {v}" for k, v in model_config_dict(model).items()
-              if checkpoint["model_config"].get(k) != v]
-    if differ:
-        raise UserError(f"the checkpoint's model differs from the flags ({', '.join(differ)})")
-    trained_on, now = checkpoint["data"], dataset.identity
-    if trained_on != now and not args.new_data:
-        raise UserError(f"this run was trained on {identity_text(trained_on)}, but the data now is "
-                        f"{identity_text(now)}: pass the same --data, or add --new-data to continue on it on purpose")
-
-
-def identity_text(identity):
-    if "sha256" in identity:
-        return f"{identity['data']} ({identity['chars']:,} characters, SHA-256 {identity['sha256'][:12]})"
-    return ", ".join(f"{k} {v}" for k, v in identity.items())
-
-
-def write_json(path, obj):
-    atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
-
-
-def log_line(path, run, tokens_per_step, lr, metrics):
-    """Append one evaluation to log.jsonl (plot.py and experiments.py read it)."""
-    record = {"step": run.step, "tokens": run.step * tokens_per_step, "time_s": round(run.elapsed_s, 2),
-              "train_time_s": round(run.train_time_s, 2), "lr": lr, **metrics}
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def trim_log(path, step):
-    """Keep the log lines up to `step` (a run killed after logging, before saving, wrote one more)."""
-    if not path.exists():
-        return
-    kept = "".join(json.dumps(record) + "\n" for record in read_log(path) if record["step"] <= step)
-    atomic_write(path, lambda f: f.write(kept.encode()))
-
-
-# -----------------------------------------------------------------------------
-# random state, signals, several processes
-
-
-def rng_state(dataset, device):
-    """Everything random that decides the next batch and the next dropout mask."""
-    state = {"torch": torch.get_rng_state(), "data": dataset.state_dict()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, dataset, device):
-    torch.set_rng_state(state["torch"])
-    dataset.load_state_dict(state["data"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-class Diverged(Exception):
-    pass
-
-
-class TrainingDiverged(UserError):
-    """What a user sees when the loss stops being finite (a learning-rate sweep records it and goes on)."""
-
-
-@contextmanager
-def stop_signals():
-    """Ctrl-C or SIGTERM sets a flag: the loop finishes its step, saves last.pt and stops.
-    A second Ctrl-C stops at once."""
-    requested = []
-
-    def request_stop(signum, frame):
-        requested.append(signum)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield requested
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class Processes:
-    """One process, or one of several started by torchrun (DistributedDataParallel)."""
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-
-    @classmethod
-    def start(cls, device):
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            return cls(device)
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        return cls(device, int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]))
-
-    @property
-    def distributed(self):
-        return self.world_size > 1 or dist.is_initialized()
-
-    @property
-    def master(self):
-        return self.rank == 0  # the one process that evaluates, logs and writes files
-
-    def wrap(self, model):
-        if not self.distributed:
-            return model
-        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
-
-    def gather(self, obj):
-        """Every process's obj, in rank order (a collective: all processes call it)."""
-        if not self.distributed:
-            return [obj]
-        gathered = [None] * self.world_size
-        dist.all_gather_object(gathered, obj)
-        return gathered
-
-    def read_losses(self, losses, stop):
-        """Recent losses averaged over processes, and whether any process was asked to stop: one sync."""
-        values = torch.stack(losses + [torch.tensor(float(stop), device=self.device)])
-        if self.distributed:
-            dist.all_reduce(values)  # a NaN anywhere, or a stop anywhere, is seen everywhere
-        values = values.tolist()
-        return [v / self.world_size for v in values[:-1]], values[-1] > 0
-
-    def finish(self):
-        if self.distributed:
-            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

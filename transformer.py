@@ -31,38 +31,34 @@ from newllm import check_dropout, check_positive, language_model_loss  # the sam
 
 
 class CausalSelfAttention(nn.Module):
-    reference = False  # True: the attention written out (attend_reference) instead of the fused kernel
-
     def __init__(self, config):
         super().__init__()
         E = config.embed_dim
         self.heads, self.dropout = config.heads, config.dropout
         self.qkv = nn.Linear(E, 3 * E)  # query, key and value projections in one matmul
         self.proj = nn.Linear(E, E)
+        self.fast = None  # fast.py's fused kernel; None: attention written out (attend)
 
     def split_heads(self, x):
         B, T, E = x.shape
         return x.view(B, T, self.heads, E // self.heads).transpose(1, 2)  # (B, nh, T, hd)
 
-    def attend_reference(self, q, k, v, allowed=None):
-        """Attention written out: scores, mask what may not be seen (by default the future), softmax,
-        weighted sum of values. allowed (T, T): True where query t may read key s."""
-        T = q.size(-2)
-        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, T)
+    def attend(self, q, k, v, allowed=None):
+        """Scores, mask what may not be seen, softmax, weighted sum of values. q (B, nh, Tq, hd), k and v
+        (B, nh, Tk, hd) -> (B, nh, Tq, hd). allowed (Tq, Tk): True where query t may read key s; None: causal."""
+        dropout = self.dropout if self.training else 0.0
+        if self.fast is not None:
+            return self.fast(q, k, v, allowed, dropout)
         if allowed is None:
-            allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=q.device))  # position t sees s <= t
+            allowed = torch.ones(q.size(-2), k.size(-2), dtype=torch.bool, device=q.device).tril()  # s <= t
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, Tq, Tk)
         scores = scores.masked_fill(~allowed, float("-inf"))
-        weights = F.dropout(F.softmax(scores, dim=-1), self.dropout, self.training)
-        return weights @ v  # (B, nh, T, hd)
+        return F.dropout(F.softmax(scores, dim=-1), dropout, self.training) @ v
 
-    def forward(self, x):
+    def forward(self, x, allowed=None):
         B, T, E = x.shape
         q, k, v = map(self.split_heads, self.qkv(x).split(E, dim=2))  # (B, nh, T, hd) each
-        if self.reference:
-            y = self.attend_reference(q, k, v)
-        else:  # the same maths in one kernel (flash / memory-efficient attention where available)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        y = self.attend(q, k, v, allowed)
         return self.proj(y.transpose(1, 2).reshape(B, T, E))  # heads side by side again: (B, T, E)
 
     def step(self, x, cache):
@@ -70,43 +66,20 @@ class CausalSelfAttention(nn.Module):
         q, k, v = map(self.split_heads, self.qkv(x[:, None]).split(x.size(-1), dim=2))  # (B, nh, 1, hd)
         if cache is not None:
             k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
-        y = F.scaled_dot_product_attention(q, k, v)  # every cached position is in the past
-        return self.proj(y.transpose(1, 2).reshape(x.shape)), (k, v)
-
-
-def rows_padded(linear, extra):
-    """A Linear's weight and bias with `extra` zero output rows appended: the same outputs, then `extra` zeros."""
-    return F.pad(linear.weight, (0, 0, 0, extra)), F.pad(linear.bias, (0, extra))
+        everything = torch.ones(1, k.size(2), dtype=torch.bool, device=x.device)  # every cached position is past
+        return self.proj(self.attend(q, k, v, everything).transpose(1, 2).reshape(x.shape)), (k, v)
 
 
 class MLP(nn.Module):
-    """Linear(E, H) -> GELU -> Linear(H, E).
-
-    Matrix products run fastest when H is a multiple of 16: on the earlier machine of the README's
-    speed section, forward and backward over 32 x 256 positions at E = 128 took 72 ms at width 524
-    (a width chosen to match parameter counts), 61 ms at 512, and 63 ms for width 524
-    computed as 528. So a width that is not a multiple of 16 is computed as the next one, with
-    zero weights for the extra units: each is gelu(0) = 0 and is read with weight 0, so the
-    output and every gradient are those of width H, up to floating-point rounding
-    (test_models.py, test_mlp_padded_to_a_multiple_of_16_is_the_plain_mlp). The Transformer's
-    default 4E is a multiple of 16 and never pads; the stacks' parameter-matched widths do.
-    Only in training: padding the weights costs a copy of them at every call, which generation,
-    one token at a time, would pay at every token for no gain.
-    """
+    """Linear(E, H) -> GELU -> Linear(H, E)."""
 
     def __init__(self, config):
         super().__init__()
         self.up = nn.Linear(config.embed_dim, config.hidden_dim)
         self.down = nn.Linear(config.hidden_dim, config.embed_dim)
-        self.extra = -config.hidden_dim % 16  # zero units that round H up to a multiple of 16
 
     def forward(self, x):
-        if not (self.extra and self.training):  # in training only (above)
-            return self.down(F.gelu(self.up(x)))
-        # (H + extra, E) and (H + extra,): zero rows; then (E, H + extra): zero columns
-        up_weight, up_bias = rows_padded(self.up, self.extra)
-        hidden = F.gelu(F.linear(x, up_weight, up_bias))  # (..., H + extra): the extra units are 0
-        return F.linear(hidden, F.pad(self.down.weight, (0, self.extra)), self.down.bias)
+        return self.down(F.gelu(self.up(x)))
 
 
 class Block(nn.Module):

@@ -1,0 +1,440 @@
+"""
+The engine: everything in this lab that exists only for speed. Read the lesson files first
+(newllm.py, transformer.py, stack.py, scan.py, delta_rule.py): they define every model, and
+`python train.py --no-fast` runs them alone. Nothing here changes what a model computes.
+
+    accelerate(model)                    # what train.py, sample.py and bench.py call (unless --no-fast)
+    python bench.py --engine             # each piece's gain: the model's training step with it on and off
+    python -m pytest -q test_fast.py     # each piece equals the definition it replaces
+
+Each piece below names the definition it replaces, is tested equal to it (values and gradients, in
+float64, at odd shapes) and is kept only while it makes its model's training step at least 5% faster
+(results/engine.json). A model picks a piece up through one visible line: the module's `fast`
+attribute, None in the lesson, set here.
+
+    report_loop   newllm.ContextCell.forward, for the report's own update (no gate, no norm): the loop
+                  over positions with its backward pass written out, each weight's gradient summed
+                  over all positions in one product, and (on a CPU, in float32) oneDNN's products
+    scan          scan.chunked_scan, with its backward pass written out (a scan run from the end)
+    short_conv    stack.ShortConv's loop over taps, with its backward pass written out
+    delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
+    attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
+"""
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from delta_rule import DELTA_CHUNK, at_least_float32
+from newllm import ContextCell
+from scan import across_chunks, chunks, sums_within_chunks
+from stack import MatrixMixer, ShortConv, VectorMixer
+from transformer import CausalSelfAttention
+
+PIECES = ("report_loop", "scan", "short_conv", "delta_rule", "attention")
+
+
+def accelerate(model, pieces=PIECES):
+    """Give every module of `model` that has a faster form the engine's version of it; returns the model.
+    `pieces` picks which (bench.py times each piece by leaving it out)."""
+    for module in model.modules():
+        if isinstance(module, ContextCell) and "report_loop" in pieces:
+            report_update = module.to_gate is None and module.norm is None  # the loop below knows only this update
+            module.fast = report_loop if report_update else None
+        elif isinstance(module, VectorMixer) and "scan" in pieces:
+            module.fast = parallel_scan
+        elif isinstance(module, ShortConv) and "short_conv" in pieces:
+            module.fast = CausalConv.apply
+        elif isinstance(module, MatrixMixer) and "delta_rule" in pieces:
+            module.fast = delta_rule_chunked
+        elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
+            module.fast = fused_attention
+    return model
+
+
+def lesson_only(model):
+    """Undo accelerate: every module back to its definition."""
+    for module in model.modules():
+        if hasattr(module, "fast"):
+            module.fast = None
+    return model
+
+
+# -----------------------------------------------------------------------------
+# attention: one fused kernel (flash or memory-efficient attention where available)
+
+
+def fused_attention(q, k, v, allowed, dropout):
+    """transformer.CausalSelfAttention.attend's result; allowed None means causal."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout, is_causal=allowed is None)
+
+
+# -----------------------------------------------------------------------------
+# the report's model: backpropagation through time, written out
+#
+# The model at each position t (newllm.py; P_t = W_x x_t + b_0 is computed for every position before the
+# loop, because it never reads the context):
+#     z_0 = P_t + W_c c_{t-1};   h_0 = drop(relu(z_0))
+#     z_l = W_l h_{l-1} + b_l;   h_l = drop(relu(z_l))          l = 1 .. L-1
+#     c_t = c_{t-1} + W_o h_{L-1} + b_o
+# Autograd records ~3L operations at every position and adds each weight's gradient, a thin (H x B) @ (B x H)
+# product, into .grad T times over. Only the gradients flowing backwards through the positions must be
+# computed one position at a time; each weight's gradient is a sum over positions, dW_l = sum_t dz_l,t^T
+# h_{l-1,t}, so it is computed after the loop as one product of T*B rows. Dropout and ReLU leave
+# h_l = z_l * D_l, D_l = mask_l where z_l > 0, else 0; D_l is recovered as sign(h_l) * mask_l.
+
+
+def report_loop(cell, x, masks=None):
+    """cell(x) for newllm.ContextCell with the report's update: x (B, T, E) -> h (B, T, H).
+    masks: dropout's multipliers, one (T, B, H) per layer (drawn here when None and dropout is on)."""
+    E = cell.config.embed_dim
+    first = cell.fnn[0]
+    # W [x_t ; c] = W_x x_t + W_c c: the token half for every position in one product, before the loop
+    token_part = F.linear(x, first.weight[:, :E], first.bias)  # (B, T, H)
+    token_part = at_least_float32(token_part).transpose(0, 1).contiguous()  # (T, B, H); summed in float32
+    if masks is None and cell.training and cell.config.dropout > 0:
+        masks = dropout_masks(token_part, cell.config.dropout, cell.config.layers)
+    weights = [p for layer in cell.fnn[1:] for p in (layer.weight, layer.bias)]
+    hidden = context_loop(masks, token_part, first.weight[:, E:].contiguous(), *weights,
+                          cell.to_context.weight, cell.to_context.bias)  # (T, B, H)
+    return hidden.transpose(0, 1).to(x.dtype)
+
+
+def dropout_masks(like, p, layers):
+    """One tensor shaped like `like` per layer, of dropout's multipliers: 0, or 1 / (1 - p) where a uniform draw
+    falls below 1 - p (torch.rand fills a tensor faster than bernoulli_ does)."""
+    keep = 1 - p
+    return [torch.rand_like(like).lt_(keep).div_(keep) for _ in range(layers)]
+
+
+def onednn_works():
+    """Whether this PyTorch does the loop's products with oneDNN, and gets them right. The ops are private to
+    PyTorch (its compiler's CPU backend uses them): every call form used is tried once on random numbers against
+    torch's own product; anything missing, changed or wrong falls back to torch's products."""
+    try:
+        torch.manual_seed(0)
+        x, other, w, b = torch.randn(3, 5), torch.randn(3, 4), torch.randn(4, 5), torch.randn(4)
+        laid_out = torch.ops.mkldnn._reorder_linear_weight(w, 3)
+        mkldnn = torch.ops.mkldnn._linear_pointwise
+        answers = [(mkldnn(x, laid_out, None, "none", [], ""), x @ w.T),
+                   (mkldnn(x, laid_out, b, "relu", [], ""), torch.relu(x @ w.T + b)),
+                   (mkldnn.binary(x, other, laid_out, None, "add"), other + x @ w.T),
+                   (mkldnn.binary(x, other, laid_out, b, "add"), other + x @ w.T + b),
+                   (mkldnn(x.T.contiguous().T, w.T.contiguous().T, None, "none", [], ""), x @ w.T)]  # strided, as in backward
+        return all(torch.allclose(got, expected, rtol=1e-4, atol=1e-5) for got, expected in answers)
+    except Exception:  # noqa: BLE001  (missing or changed in this version: torch's products do the work)
+        return False
+
+
+ONEDNN_WORKS = onednn_works()
+
+
+class Products:
+    """The loop's matrix products, x (rows, n) times the transpose of a weight (m, n) as nn.Linear stores it:
+    by oneDNN for float32 on a CPU (where `torch.backends.mkldnn.enabled` is on and the probe above passed),
+    else by torch. `laid_out` rearranges a weight once per pass into oneDNN's blocked layout for products of
+    B rows (torch needs none). results/bench_products.json has the figures this choice rests on."""
+
+    def __init__(self, like):
+        self.onednn = (ONEDNN_WORKS and torch.backends.mkldnn.enabled and like.device.type == "cpu"
+                       and like.dtype == torch.float32)
+        self.rows = like.size(-2)  # B: the rows of every product inside the loop
+
+    def laid_out(self, weight):
+        return torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows) if self.onednn else weight
+
+    def linear(self, x, weight):  # x W^T
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+        return x @ weight.T
+
+    def linear_relu(self, x, weight, bias):  # relu(x W^T + b)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "relu", [], "")
+        return torch.addmm(bias, x, weight.T).relu_()
+
+    def plus_linear(self, other, x, weight, bias=None):  # other + x W^T (+ b)
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, bias, "add")
+        return torch.addmm(other if bias is None else other + bias, x, weight.T)
+
+
+class ContextLoop(torch.autograd.Function):
+    """masks: L tensors (T, B, H) or None; token_part P (T, B, H); W_c (H, C), then W_1, b_1, ..., W_{L-1},
+    b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position (T, B, H).
+
+    Every per-position tensor is kept one per layer, (T, B, H), not as one (L, T, B, H) block: blocks of 32 MiB
+    and more go back to the system when freed (cli.reuse_freed_memory), and would be paged in again every step."""
+
+    @staticmethod
+    def forward(ctx, masks, token_part, context_weight, *weights):
+        with torch.autocast(token_part.device.type, enabled=False):  # the context is summed: never in bfloat16
+            layers, (out_weight, out_bias) = list(zip(weights[:-2:2], weights[1:-2:2])), weights[-2:]
+            T, B, H = token_part.shape
+            products = Products(token_part)
+            hidden = [token_part.new_empty(T, B, H) for _ in range(len(layers) + 1)]  # h_l after dropout
+            contexts = token_part.new_empty(T, B, context_weight.size(1))  # c_{t-1} at every position
+            context = token_part.new_zeros(B, context_weight.size(1))  # c_0 = 0
+            loop_weights = [products.laid_out(w) for w in (context_weight, *(w for w, _ in layers), out_weight)]
+            loop_layers = list(zip(loop_weights[1:-1], (b for _, b in layers)))
+
+            def dropped(h, l, t):  # h_l = drop(relu(z_l)), written where backward will read it
+                return torch.mul(h, masks[l][t], out=hidden[l][t]) if masks is not None else hidden[l][t].copy_(h)
+
+            for t in range(T):
+                contexts[t] = context
+                h = dropped(products.plus_linear(token_part[t], context, loop_weights[0]).relu_(), 0, t)  # h_0
+                for l, (weight, bias) in enumerate(loop_layers, start=1):
+                    h = dropped(products.linear_relu(h, weight, bias), l, t)  # h_l
+                context = products.plus_linear(context, h, loop_weights[-1], out_bias)  # c_t = c_{t-1} + W_o h + b_o
+            ctx.layers = len(hidden)
+            ctx.save_for_backward(*hidden, contexts, context_weight, out_weight, *weights[:-2:2], *(masks or ()))
+            return hidden[-1].clone()
+
+    @staticmethod
+    @once_differentiable  # the loop's own products are not differentiated again
+    def backward(ctx, grad_out):
+        with torch.autocast(grad_out.device.type, enabled=False):
+            saved, L, (T, B, _) = ctx.saved_tensors, ctx.layers, grad_out.shape
+            hidden, (contexts, context_weight, out_weight) = saved[:L], saved[L:L + 3]
+            layer_weights, masks = saved[L + 3:2 * L + 2], saved[2 * L + 2:]  # masks: () without dropout
+            products = Products(grad_out)
+            multiplier = [h.sign() for h in hidden]  # D_l (dz = dh * D): h_l >= 0, so 1 where h_l > 0
+            for d, mask in zip(multiplier, masks):
+                d.mul_(mask)
+            # backwards multiplies by W rather than W^T: back_weights[l] is W_l^T (0: W_c^T, L: W_o^T), laid out once
+            back_weights = [products.laid_out(w.T) for w in (context_weight, *layer_weights, out_weight)]
+            grad_z = [torch.empty_like(h) for h in hidden]  # dL/dz_l at every position
+            grad_c = grad_out.new_empty(T, B, context_weight.size(1))  # dL/dc_t at every position
+            dc = grad_out.new_zeros(B, context_weight.size(1))  # nothing after the last position
+            for t in reversed(range(T)):
+                grad_c[t] = dc
+                g = products.plus_linear(grad_out[t], dc, back_weights[-1])  # dL/dh_{L-1}: the output, and via c_t
+                for l in reversed(range(1, L)):
+                    g = products.linear(torch.mul(g, multiplier[l][t], out=grad_z[l][t]), back_weights[l])
+                dz0 = torch.mul(g, multiplier[0][t], out=grad_z[0][t])
+                dc = products.plus_linear(dc, dz0, back_weights[0])  # dL/dc_{t-1} = dL/dc_t + dz_0 W_c
+            # the weight gradients: sums over all positions, one large product each
+            rows = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
+            summed = lambda a, b: products.linear(rows(a).T, rows(b).T)  # noqa: E731  sum_t a_t^T b_t
+            grads = []
+            for l in range(1, L):
+                grads += [summed(grad_z[l], hidden[l - 1]), grad_z[l].sum((0, 1))]
+            grads += [summed(grad_c, hidden[-1]), grad_c.sum((0, 1))]
+            return None, grad_z[0], summed(grad_z[0], contexts), *grads
+
+
+@torch.compiler.disable  # torch.compile would unroll the loop over positions, and cannot lower oneDNN's ops
+def context_loop(masks, token_part, context_weight, *weights):
+    return ContextLoop.apply(masks, token_part, context_weight, *weights)
+
+
+# -----------------------------------------------------------------------------
+# the vector memory's scan, its gradient a scan run from the end
+
+
+class ParallelScan(torch.autograd.Function):
+    """scan.chunked_scan (log_a, b -> c) with its backward pass written out. Autograd would keep every
+    intermediate of the chunked form; here the forward pass keeps growth, b and c, and the gradient is itself
+    a scan, run from the end. With g_t = dL/dc_t counted through every later position,
+        g_t = grad_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
+    Inside a chunk a_{t+1} ... a_s = growth_s / growth_t, so
+        g_t = (sum_{s>=t} grad_s growth_s + growth_Q g_in) / growth_t,
+    g_in coming in from the next chunk (across_chunks, last chunk first)."""
+
+    @staticmethod
+    def forward(ctx, log_a, b):
+        B, T, C = b.shape
+        growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64
+        local = sums_within_chunks(chunks(b) / growth).mul_(growth)
+        c = local.addcmul_(growth, across_chunks(local[:, :, -1], growth[:, :, -1])[:, :, None])
+        c = c.reshape(B, -1, C)[:, :T]
+        ctx.save_for_backward(growth, b, c)
+        return c
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_c):
+        growth, b, c = ctx.saved_tensors
+        B, T, C = grad_c.shape
+        to_end = sums_within_chunks(chunks(grad_c) * growth, to_end=True)  # sum_{s>=t} grad_s growth_s
+        decay = growth[:, :, -1]  # each chunk's decay from its start to its end (B, n, C)
+        g_in = across_chunks(to_end[:, :, 0], decay, last_first=True)
+        g = to_end.add_((decay * g_in)[:, :, None]).div_(growth).reshape(B, -1, C)[:, :T]
+        return (g * (c - b) if ctx.needs_input_grad[0] else None), g  # without --gate log a needs no gradient
+
+
+def parallel_scan(log_a, b):
+    return ParallelScan.apply(log_a, b)
+
+
+# -----------------------------------------------------------------------------
+# the short convolution, without padding
+
+
+class CausalConv(torch.autograd.Function):
+    """stack.ShortConv's loop (x (B, T, E), weight (E, K), bias (E) -> u (B, T, E)) with its backward pass
+    written out. Tap j looks lag = K - 1 - j positions back; each tap touches only the T - lag positions that
+    have an input, so nothing is padded, and autograd's zero gradient the padded size per tap is never built.
+    Each tap's weights are copied into a row of their own: an elementwise op over a column strided by K runs
+    unvectorised."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        T, K = x.size(1), weight.size(1)
+        rows = weight.T.contiguous()  # (K, E): tap j's weights side by side
+        u = torch.addcmul(bias, x, rows[K - 1])  # the newest input, lag 0
+        for j, lag in taps(K, T):
+            u[:, lag:].addcmul_(x[:, : T - lag], rows[j])
+        ctx.save_for_backward(x, rows)
+        return u
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_u):
+        x, rows = ctx.saved_tensors
+        T, K = x.size(1), rows.size(0)
+        grad_x = grad_u * rows[K - 1]
+        grad_rows = torch.zeros_like(rows)  # stays 0 for taps that look back past the start
+        grad_rows[K - 1] = (grad_u * x).sum((0, 1))
+        for j, lag in taps(K, T):  # x_s reaches u_{s + lag} through tap j
+            grad_x[:, : T - lag].addcmul_(grad_u[:, lag:], rows[j])
+            grad_rows[j] = (grad_u[:, lag:] * x[:, : T - lag]).sum((0, 1))
+        return grad_x, grad_rows.T, grad_u.sum((0, 1))
+
+
+def taps(K, T):
+    """(tap, lag) for every tap but the newest that reaches back to an input: lag = K - 1 - tap < T."""
+    return [(j, K - 1 - j) for j in range(K - 1) if K - 1 - j < T]
+
+
+# -----------------------------------------------------------------------------
+# the chunked delta rule, its backward pass written out
+
+
+def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
+    """delta_rule.delta_rule_chunked's result, by ChunkedDeltaRule."""
+    out_dtype = v.dtype
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, beta, log_alpha = map(at_least_float32, (q, k, v, beta, log_alpha))
+        if log_alpha is None:
+            log_alpha = torch.zeros_like(beta)
+        o = chunked_delta_rule(q, k, v, beta, log_alpha, min(chunk, k.shape[2]))
+    return o.to(out_dtype)
+
+
+@torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
+def chunked_delta_rule(q, k, v, beta, log_alpha, Q):
+    return ChunkedDeltaRule.apply(q, k, v, beta, log_alpha, Q)
+
+
+def batched(x):
+    """(..., m, p) -> (batch, m, p): the 3-d shape baddbmm takes. A view, never a copy (view fails loudly where
+    reshape would copy), so that an in-place baddbmm_ on it writes into x itself."""
+    return x.view(-1, *x.shape[-2:])
+
+
+def to_chunks(x, n, Q):
+    """(B, nh, T, ...) -> (n, B, nh, Q, ...), chunk first and contiguous, zero-padded to n * Q positions, so
+    that the loop over chunks reads and writes each chunk's slice in place."""
+    pad = n * Q - x.shape[2]
+    if pad:
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, pad))
+    return x.unflatten(2, (n, Q)).movedim(2, 0).contiguous()
+
+
+def from_chunks(x, T):
+    """(n, B, nh, Q, ...) -> (B, nh, T, ...), laid out in memory as (B, T, nh, ...): the caller's next step,
+    which transposes back to positions first, then needs no copy."""
+    positions_first = x.movedim(0, 1).transpose(2, 3).contiguous()  # (B, n, Q, nh, ...)
+    return positions_first.flatten(1, 2)[:, :T].transpose(1, 2)
+
+
+class ChunkedDeltaRule(torch.autograd.Function):
+    """delta_rule.delta_rule_chunked's three lines (its docstring) with the backward pass written out: the
+    forward pass keeps what the gradient needs, and the backward pass is the chain rule through the three
+    lines in reverse (the loop over chunks last chunk first). Chunked tensors are (n, B, nh, Q, ...)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_alpha, Q):
+        B, nh, T, dk = k.shape
+        dv = v.shape[-1]
+        n = -(-T // Q)
+        q, k, v, beta, log_alpha = (to_chunks(x, n, Q) for x in (q, k, v, beta, log_alpha))
+        g = log_alpha.cumsum(-1)
+        gamma = g.exp()
+        # decay[t, i] = exp(g_t - g_i) for i <= t; above the diagonal exp may overflow to inf, which tril_ zeroes
+        decay = (g[..., :, None] - g[..., None, :]).exp_().tril_()  # (.., Q, Q)
+        decayed_gram = (k @ k.mT).mul_(decay)
+        eye = torch.eye(Q, dtype=q.dtype, device=q.device)
+        lower = (beta[..., None] * decayed_gram).tril_(-1).add_(eye)  # I + A
+        # M formed once: two products with it cost less than two triangular solves
+        M = torch.linalg.solve_triangular(lower, eye.expand(lower.shape), upper=False, unitriangular=True)
+        scaled_k, scaled_v = (beta * gamma)[..., None] * k, beta[..., None] * v
+        W, U = M @ scaled_k, M @ scaled_v  # U holds U0 until the loop subtracts W S_0^T in place
+        to_end = (g[..., -1:] - g).exp()
+        decayed_k = to_end[..., None] * k
+        last = gamma[..., -1, None, None]
+        S = q.new_empty(n, B, nh, dv, dk)
+        S[0] = 0
+        for c in range(n):
+            batched(U[c]).baddbmm_(batched(W[c]), batched(S[c]).mT, alpha=-1)  # U = U0 - W S_0^T
+            if c + 1 < n:  # the next chunk's S_0
+                batched(torch.mul(S[c], last[c], out=S[c + 1])).baddbmm_(batched(U[c]).mT, batched(decayed_k[c]))
+        read_old = q @ S.mT
+        P = (q @ k.mT).mul_(decay)
+        o = torch.addcmul(P @ U, gamma[..., None], read_old)
+        ctx.save_for_backward(q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U,
+                              decayed_k, P, read_old)
+        ctx.length = T
+        return from_chunks(o, T)
+
+    @staticmethod
+    @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
+    def backward(ctx, grad_o):
+        (q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U, decayed_k, P,
+         read_old) = ctx.saved_tensors
+        n, Q = q.shape[0], q.shape[3]
+        dO = to_chunks(grad_o, n, Q)
+        # O = diag(gamma) R S_0^T + P U,  P = (R K^T) * decay
+        dP, dU = dO @ U.mT, P.mT @ dO
+        gamma_dO = gamma[..., None] * dO
+        dS = gamma_dO.mT @ q  # what each chunk's S_0 gets from its outputs
+        dQK = dP * decay
+        dq = torch.baddbmm(batched(dQK @ k), batched(gamma_dO), batched(S)).view_as(q)
+        dgamma = (dO * read_old).sum(-1)
+        # the loop, last chunk first: S_next = gamma_Q S_0 + U^T D K and U = U0 - W S_0^T, so
+        # dU += D K dS_next^T and dS_0 += gamma_Q dS_next - dU^T W
+        dS_ends = torch.empty_like(S)
+        dS_ends[-1] = 0
+        last = gamma[..., -1, None, None]
+        for c in reversed(range(n)):
+            batched(dU[c]).baddbmm_(batched(decayed_k[c]), batched(dS_ends[c]).mT)
+            if c > 0:
+                batched(torch.addcmul(dS[c], last[c], dS_ends[c], out=dS_ends[c - 1])).baddbmm_(
+                    batched(dU[c]).mT, batched(W[c]), alpha=-1)
+        d_decayed_k = U @ dS_ends
+        dgamma[..., -1] += (dS_ends * S).sum((-2, -1))
+        # W = M (beta gamma K), U0 = M (beta V): dU0 = dU, dW = -dU S_0 (kept with its sign flipped)
+        minus_dW = dU @ S
+        dM = torch.baddbmm(batched(dU @ scaled_v.mT), batched(minus_dW), batched(scaled_k.mT), alpha=-1).view_as(M)
+        minus_d_scaled_k, d_scaled_v = M.mT @ minus_dW, M.mT @ dU
+        # M = (I + A)^{-1}: dA = -M^T dM M^T, on A's strictly lower part; A = beta_t * decayed_gram
+        dA = -(M.mT @ dM @ M.mT).tril_(-1)
+        dA_gram = dA * decayed_gram
+        dgram = dA.mul_(decay).mul_(beta[..., None])
+        dk = (dgram + dgram.mT) @ k + dQK.mT @ q
+        minus_d_beta_gamma = (minus_d_scaled_k * k).sum(-1)
+        dk.addcmul_((beta * gamma)[..., None], minus_d_scaled_k, value=-1).addcmul_(to_end[..., None], d_decayed_k)
+        dv = beta[..., None] * d_scaled_v
+        dbeta = dA_gram.sum(-1) - gamma * minus_d_beta_gamma + (d_scaled_v * v).sum(-1)
+        dgamma -= beta * minus_d_beta_gamma
+        # everything that depends on g: decay = exp(g_t - g_i), gamma = exp(g), to_end = exp(g_Q - g)
+        d_exponent = dP.mul_(P).add_(dA_gram.mul_(beta[..., None]))
+        d_to_end = (d_decayed_k * k).sum(-1) * to_end
+        dg = d_exponent.sum(-1) - d_exponent.sum(-2) + dgamma * gamma - d_to_end
+        dg[..., -1] += d_to_end.sum(-1)
+        d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)  # g = cumsum(log_alpha)
+        T = ctx.length
+        return (from_chunks(dq, T), from_chunks(dk, T), from_chunks(dv, T), from_chunks(dbeta, T),
+                from_chunks(d_log_alpha, T), None)
