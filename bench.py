@@ -359,8 +359,9 @@ def measure_engine(results, device, repeats, rounds):
     found = results["engine"] = {}
     print(f"fast.py's pieces: training tokens/s with each on and off, and each piece's gain ({rounds} rounds)")
     for name, (model, model_lengths, model_tokens) in cases.items():
-        used = [p for p in PIECES if any(getattr(m, "fast", None) is not None
-                                         for m in accelerate(lesson_only(model), [p]).modules())]
+        used = [p for p in PIECES if any(getattr(m, attribute, None) is not None
+                                         for m in accelerate(lesson_only(model), [p]).modules()
+                                         for attribute in ("fast", "fast_inputs"))]
         variants = {"engine": PIECES, "lesson": []}
         if len(used) > 1:
             variants.update({f"without {p}": [q for q in PIECES if q != p] for p in used})

@@ -15,9 +15,10 @@ state_dict), so train.py never asks which one it has:
 Targets equal to IGNORE (-1) are not scored: padding, and every position of
 a recall sequence but the answers.
 
-Corpora: 'shakespeare' (Tiny Shakespeare) and 'seed-sentences' (the seed
-report's own 30 sentences, split the report's way), each downloaded once into
-data/ and checked by size and SHA-256; or the path of any UTF-8 text file.
+Corpora: 'shakespeare' (Tiny Shakespeare, shipped in data/ so that the first run
+needs no network) and 'seed-sentences' (the seed report's own 30 sentences, split
+the report's way), each checked by size and SHA-256 and downloaded again into data/
+when missing or damaged; or the path of any UTF-8 text file.
 Tokenizers: 'char' (every distinct character) or 'word' (lower-cased
 whitespace words: the most frequent ones plus <PAD> <UNK> <BOS> <EOS>).
 
@@ -45,7 +46,7 @@ CACHE_DIR = Path(__file__).resolve().parent / "data"
 
 @dataclass(frozen=True)
 class Corpus:
-    """A public text the project fetches once, checks, and keeps in data/."""
+    """A public text the project keeps in data/, checked; fetched from `url` when missing or damaged."""
     title: str
     url: str
     size: int      # bytes

@@ -19,7 +19,10 @@ attribute, None in the lesson, set here.
     short_conv    stack.ShortConv's loop over taps, with its backward pass written out
     delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
     attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
+    padding       transformer.MLP and the stacks' input projections, at widths padded to a multiple of 16
 """
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +31,10 @@ from torch.autograd.function import once_differentiable
 from delta_rule import DELTA_CHUNK, at_least_float32
 from newllm import ContextCell
 from scan import across_chunks, chunks, sums_within_chunks
-from stack import MatrixMixer, ShortConv, VectorMixer
-from transformer import CausalSelfAttention
+from stack import MatrixMixer, Mixer, ShortConv, VectorMixer
+from transformer import MLP, CausalSelfAttention
 
-PIECES = ("report_loop", "scan", "short_conv", "delta_rule", "attention")
+PIECES = ("report_loop", "scan", "short_conv", "delta_rule", "attention", "padding")
 
 
 def accelerate(model, pieces=PIECES):
@@ -49,15 +52,43 @@ def accelerate(model, pieces=PIECES):
             module.fast = delta_rule_chunked
         elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
             module.fast = fused_attention
+        if isinstance(module, MLP) and "padding" in pieces and module.up.out_features % 16:
+            module.fast = padded_mlp
+        if isinstance(module, Mixer) and "padding" in pieces and module.to_inputs.out_features % 16:
+            module.fast_inputs = functools.partial(padded_rows, module.to_inputs)
     return model
 
 
 def lesson_only(model):
     """Undo accelerate: every module back to its definition."""
     for module in model.modules():
-        if hasattr(module, "fast"):
-            module.fast = None
+        for name in ("fast", "fast_inputs"):
+            if hasattr(module, name):
+                setattr(module, name, None)
     return model
+
+
+# -----------------------------------------------------------------------------
+# padding: matrix products run faster when a width is a multiple of 16
+
+
+def padded_rows(linear, x):
+    """linear(x) computed with zero output rows up to a multiple of 16, the extra outputs dropped (in training
+    only: padding copies the weights at every call, which generation would pay at every token)."""
+    if not linear.training:
+        return linear(x)
+    extra = -linear.out_features % 16
+    return F.linear(x, F.pad(linear.weight, (0, 0, 0, extra)), F.pad(linear.bias, (0, extra)))[..., :linear.out_features]
+
+
+def padded_mlp(mlp, x):
+    """transformer.MLP's result with its width H computed as the next multiple of 16: each extra unit is gelu(0) = 0
+    and is read with weight 0, so the output and every gradient are those of width H, up to rounding."""
+    if not mlp.training:
+        return mlp.down(F.gelu(mlp.up(x)))
+    extra = -mlp.up.out_features % 16
+    hidden = F.gelu(F.linear(x, F.pad(mlp.up.weight, (0, 0, 0, extra)), F.pad(mlp.up.bias, (0, extra))))
+    return F.linear(hidden, F.pad(mlp.down.weight, (0, extra)), mlp.down.bias)
 
 
 # -----------------------------------------------------------------------------

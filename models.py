@@ -37,11 +37,39 @@ def build_model(arch, fast=True, **config):
     if arch not in ARCHS:
         raise UserError(f"unknown architecture '{arch}' (choose {', '.join(ARCHS)})")
     config_class, model_class = ARCHS[arch]
-    try:
-        model = model_class(config_class(**config))
-    except ValueError as error:  # the configs validate themselves with ValueError
-        raise UserError(str(error)) from None
+    config = config_class(**config)
+    check_config(config)
+    model = model_class(config)
     return accelerate(model) if fast else model
+
+
+def check_config(config):
+    """Sizes a model cannot have, refused as a UserError naming the flag (the lesson files assume sane sizes)."""
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    c = asdict(config)
+    for name in ("vocab_size", "block_size", "embed_dim", "context_dim", "hidden_dim", "layers", "heads",
+                 "context_heads", "key_dim"):
+        if c.get(name) is not None and c[name] < 1:
+            raise UserError(f"{flag(name)} must be positive (got {c[name]})")
+    if not 0 <= c["dropout"] < 1:
+        raise UserError(f"--dropout must be in [0, 1) (got {c['dropout']})")
+    if c.get("init", "gpt2") not in ("gpt2", "torch"):
+        raise UserError(f"--init must be gpt2 or torch (got {c['init']})")
+    if "heads" in c and (isinstance(config, TransformerConfig) or c.get("local_window")) and c["embed_dim"] % c["heads"]:
+        raise UserError(f"--heads {c['heads']} must divide --embed-dim {c['embed_dim']}")
+    if not isinstance(config, StackConfig):
+        return
+    if c["mixer"] not in ("vector", "matrix"):
+        raise UserError(f"--mixer must be vector or matrix (got {c['mixer']})")
+    if c["context_dim"] % c["context_heads"]:
+        raise UserError(f"--context-heads {c['context_heads']} must divide --context-dim {c['context_dim']}")
+    if c["mixer"] == "vector" and (c["context_heads"] != 1 or c["key_dim"] is not None):
+        raise UserError(f"{'--context-heads' if c['context_heads'] != 1 else '--key-dim'} belongs to the matrix "
+                        "mixer: add --mixer matrix")
+    if c["timescales"] and not (c["gate"] and c["mixer"] == "vector"):
+        raise UserError("--timescales shapes the vector mixer's gate: use --mixer vector --gate")
+    if c["short_conv"] < 0 or c["local_window"] < 0:
+        raise UserError("--short-conv and --local-window must be 0 (off) or positive")
 
 
 def count_params(model):

@@ -106,11 +106,6 @@ class NewLLMConfig:
     gate: bool = False            # c_t = a_t * c_{t-1} + (1 - a_t) * value instead of c_{t-1} + delta
     context_norm: bool = False    # LayerNorm on the context after every update
 
-    def __post_init__(self):
-        for name in ("vocab_size", "block_size", "embed_dim", "context_dim", "hidden_dim", "layers"):
-            check_positive(self, name)
-        check_dropout(self.dropout)
-
 
 class NewLLM(nn.Module):
     """Embeddings -> the context cell, position by position -> token head."""
@@ -163,12 +158,3 @@ def language_model_loss(logits, targets):
         return None
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
-
-def check_positive(config, name):
-    if getattr(config, name) < 1:
-        raise ValueError(f"--{name.replace('_', '-')} must be positive (got {getattr(config, name)})")
-
-
-def check_dropout(dropout):
-    if not 0 <= dropout < 1:
-        raise ValueError(f"--dropout must be in [0, 1) (got {dropout})")

@@ -18,16 +18,22 @@ from stack import ShortConv
 from test_models import TINY, V, T, VARIANTS, assert_same_loss_and_gradients, loss_and_gradients, tiny
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_engine_equals_lesson(name):
-    """A model with every piece of the engine gives the lesson's loss and gradients, in float64."""
-    model = tiny(name).double()
+@pytest.mark.parametrize("name,overrides", [(name, {}) for name in VARIANTS] + [
+    ("stack+norm+timescales+conv", dict(hidden_dim=20)), ("transformer", dict(hidden_dim=20))])  # MLPs padded to 32
+def test_engine_equals_lesson(name, overrides):
+    """A model with every piece of the engine gives the lesson's loss and gradients, in float64, in training
+    (where the widths are padded) and in evaluation."""
+    model = tiny(name, **overrides).double().train()
     idx = torch.randint(V, (2, T))
     results = []
     for switch in (fast.lesson_only, fast.accelerate):
         switch(model)
         results.append(loss_and_gradients(model, model, idx))
     assert_same_loss_and_gradients(*results)
+    if overrides:
+        assert type(model.blocks[0].mlp.fast).__name__ == "function"
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(idx)[0], fast.lesson_only(model)(idx)[0], rtol=1e-12, atol=1e-12)
 
 
 def pieces_in(model):

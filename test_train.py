@@ -29,8 +29,10 @@ except ImportError:  # Windows
 
 import data
 import train
-from run_folder import FolderLock, load_checkpoint, save_checkpoint
 from cli import UserError, run_script
+from models import build_model
+from processes import Processes
+from run_folder import FolderLock, load_checkpoint, resume, save_checkpoint
 from conftest import write_corpus
 from test_models import seed_params, transformer_params
 
@@ -302,7 +304,7 @@ def read_log(out):
 
 
 def test_stop_and_resume_equals_an_uninterrupted_run(corpus, tmp_path):
-    """SIGTERM mid-run saves last.pt; --resume then reaches exactly the losses of a run never stopped."""
+    """SIGTERM mid-run saves last.pt; --resume then reaches the losses of a run never stopped, bit for bit."""
     flags = ["--data", corpus, "--max-iters", "120", "--eval-interval", "20", "--dropout", "0.1", *TINY]
     whole = tmp_path / "whole"
     uninterrupted = background("train.py", "--out-dir", whole, *flags)  # on the other core, meanwhile
@@ -321,10 +323,25 @@ def test_stop_and_resume_equals_an_uninterrupted_run(corpus, tmp_path):
 
     result = cli("train.py", "--out-dir", parted, "--resume")
     assert result.returncode == 0 and uninterrupted.wait() == 0, result.stderr
-    for a, b in zip(read_log(whole), read_log(parted), strict=True):
-        assert a["step"] == b["step"]
-        assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-6)
-        assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-6)
+    for a, b in zip(read_log(whole), read_log(parted), strict=True):  # bit for bit
+        assert (a["step"], a["val_loss"], a["train_loss"]) == (b["step"], b["val_loss"], b["train_loss"])
+
+
+def test_resuming_reads_the_checkpoint_on_the_cpu_whatever_the_device(trained_run, tmp_path):
+    """Random states must stay CPU tensors (torch.set_rng_state takes nothing else), so a run resumed on a GPU
+    must not load its checkpoint onto the GPU. Driven here with the process's device set to "meta", a device
+    every machine has: a checkpoint mapped onto it holds no numbers at all, and resuming would fail."""
+    copy = copy_run(trained_run, tmp_path / "run")
+    args = train.parse_args(["--out-dir", str(copy), "--resume"])
+    dataset = data.load_dataset(args.data, args.tokenizer, args.vocab_size, args.block_size, args.sentences,
+                                args.seed, args.recall_vocab, args.recall_pairs, args.recall_queries)
+    model = build_model(args.arch, **train.model_config_from_args(args, dataset.tokenizer.vocab_size))
+    optimizer = train.configure_optimizer(model, args, torch.device("cpu"))
+    progress = resume(copy, args, model, optimizer, dataset, Processes(torch.device("meta")))
+    saved = load_checkpoint(copy / "last.pt")
+    assert progress.step == saved["step"] == 4
+    assert torch.equal(torch.get_rng_state(), saved["rng"][0]["torch"])
+    assert all(torch.equal(p, saved["model"][name]) for name, p in model.state_dict().items())
 
 
 def background(*args, stderr=subprocess.DEVNULL):

@@ -66,12 +66,7 @@ def main(argv=None):
         return {"params": n_params}
     model.to(proc.device)
 
-    # optimiser: AdamW; weight decay on matrices only (biases and norms do not decay)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
-                                   {"params": others, "weight_decay": 0.0}],
-                                  lr=args.lr, betas=(0.9, args.beta2), fused=proc.device.type == "cuda")
+    optimizer = configure_optimizer(model, args, proc.device)
 
     # the output folder, held by this run alone; a resumed run takes back everything it saved
     out_dir = Path(args.out_dir)
@@ -102,6 +97,15 @@ def main(argv=None):
         say("sample:\n" + dataset.tokenizer.decode(generate(model, prompt, args.sample_tokens)[0].tolist()))
     proc.finish()
     return summary
+
+
+def configure_optimizer(model, args, device):
+    """AdamW; weight decay on matrices only (biases and norms do not decay)."""
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
+                              {"params": others, "weight_decay": 0.0}],
+                             lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
 
 
 def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
