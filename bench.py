@@ -259,6 +259,8 @@ def main(argv=None):
     parser = Parser(prog="bench.py", description="Training throughput and generation cost against length.")
     parser.add_argument("--quick", action="store_true", help="fewer repeats (under a minute on 2 CPU cores)")
     parser.add_argument("--json", help="also write every number to this file")
+    parser.add_argument("--rounds", type=int, help="rounds of measurement, the models taking turns in each "
+                                                   "(default 5, --products 3; --quick: 1)")
     parser.add_argument("--plot", help="also draw generation memory and latency against context length (PNG)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--compile", action="store_true",
@@ -274,6 +276,9 @@ def main(argv=None):
     # refuse now, not after minutes of measuring
     if args.json and (not Path(args.json).resolve().parent.is_dir() or Path(args.json).is_dir()):
         raise UserError(f"cannot write {args.json}: its folder does not exist, or it is a folder")
+    if args.rounds is not None and args.rounds < 1:
+        raise UserError(f"--rounds must be positive (got {args.rounds})")
+    rounds = args.rounds or (1 if args.quick else 5)
     if args.compile + args.products + args.engine > 1:
         raise UserError("--compile, --products and --engine measure different things: run them one at a time")
     if args.plot:
@@ -293,20 +298,20 @@ def main(argv=None):
     results = {"device": hardware(device), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
                "tokens_per_step": tokens_per_step, "params": {}, "train": {}, "generate": {}}
     if args.compile:
-        compiled_training(results, device, repeats, 1 if args.quick else 5, args.json)
+        compiled_training(results, device, repeats, rounds, args.json)
         return
     if args.products:
-        measure_products(results, device, rounds=1 if args.quick else 3)
+        measure_products(results, device, rounds=args.rounds or (1 if args.quick else 3))
         write_results(results, args.json)
         return
     if args.engine:
-        measure_engine(results, device, repeats, rounds=1 if args.quick else 3)
+        measure_engine(results, device, repeats, rounds)
         write_results(results, args.json)
         return
 
     print(f"bench on {results['device']}, torch {torch.__version__}")
-    measure_training(results, train_lengths, seed_lengths, device, repeats, rounds=1 if args.quick else 5)
-    measure_generation(results, contexts, steps, device, rounds=1 if args.quick else 5)
+    measure_training(results, train_lengths, seed_lengths, device, repeats, rounds)
+    measure_generation(results, contexts, steps, device, rounds)
     results["ratios"], results["targets_met"] = ratios_and_targets(results)
     report(results, args.json)
     if args.plot:

@@ -9,14 +9,14 @@ The engine: everything in this lab that exists only for speed. Read the lesson f
 
 Each piece below names the definition it replaces, is tested equal to it (values and gradients, in
 float64, at odd shapes) and is kept only while it makes its model's training step at least 5% faster
-(results/engine.json). A model picks a piece up through one visible line: the module's `fast`
-attribute, None in the lesson, set here.
+(results/engine.json; written-out backward passes for the vector scan and the short convolution
+were measured too, gained less, and were dropped). A model picks a piece up through one visible
+line: the module's `fast` attribute (the stacks' input projection: `fast_inputs`), None in the
+lesson, set here.
 
     report_loop   newllm.ContextCell.forward, for the report's own update (no gate, no norm): the loop
                   over positions with its backward pass written out, each weight's gradient summed
                   over all positions in one product, and (on a CPU, in float32) oneDNN's products
-    scan          scan.chunked_scan, with its backward pass written out (a scan run from the end)
-    short_conv    stack.ShortConv's loop over taps, with its backward pass written out
     delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
     attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
     padding       transformer.MLP and the stacks' input projections, at widths padded to a multiple of 16
@@ -30,11 +30,10 @@ from torch.autograd.function import once_differentiable
 
 from delta_rule import DELTA_CHUNK, at_least_float32
 from newllm import ContextCell
-from scan import across_chunks, chunks, sums_within_chunks
-from stack import MatrixMixer, Mixer, ShortConv, VectorMixer
+from stack import MatrixMixer, Mixer
 from transformer import MLP, CausalSelfAttention
 
-PIECES = ("report_loop", "scan", "short_conv", "delta_rule", "attention", "padding")
+PIECES = ("report_loop", "delta_rule", "attention", "padding")
 
 
 def accelerate(model, pieces=PIECES):
@@ -44,10 +43,6 @@ def accelerate(model, pieces=PIECES):
         if isinstance(module, ContextCell) and "report_loop" in pieces:
             report_update = module.to_gate is None and module.norm is None  # the loop below knows only this update
             module.fast = report_loop if report_update else None
-        elif isinstance(module, VectorMixer) and "scan" in pieces:
-            module.fast = parallel_scan
-        elif isinstance(module, ShortConv) and "short_conv" in pieces:
-            module.fast = CausalConv.apply
         elif isinstance(module, MatrixMixer) and "delta_rule" in pieces:
             module.fast = delta_rule_chunked
         elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
@@ -258,85 +253,6 @@ class ContextLoop(torch.autograd.Function):
 @torch.compiler.disable  # torch.compile would unroll the loop over positions, and cannot lower oneDNN's ops
 def context_loop(masks, token_part, context_weight, *weights):
     return ContextLoop.apply(masks, token_part, context_weight, *weights)
-
-
-# -----------------------------------------------------------------------------
-# the vector memory's scan, its gradient a scan run from the end
-
-
-class ParallelScan(torch.autograd.Function):
-    """scan.chunked_scan (log_a, b -> c) with its backward pass written out. Autograd would keep every
-    intermediate of the chunked form; here the forward pass keeps growth, b and c, and the gradient is itself
-    a scan, run from the end. With g_t = dL/dc_t counted through every later position,
-        g_t = grad_t + a_{t+1} g_{t+1},   dL/db_t = g_t,   dL/d(log a_t) = g_t a_t c_{t-1} = g_t (c_t - b_t).
-    Inside a chunk a_{t+1} ... a_s = growth_s / growth_t, so
-        g_t = (sum_{s>=t} grad_s growth_s + growth_Q g_in) / growth_t,
-    g_in coming in from the next chunk (across_chunks, last chunk first)."""
-
-    @staticmethod
-    def forward(ctx, log_a, b):
-        B, T, C = b.shape
-        growth = sums_within_chunks(chunks(log_a)).exp_()  # exp(A_t) >= e^-64
-        local = sums_within_chunks(chunks(b) / growth).mul_(growth)
-        c = local.addcmul_(growth, across_chunks(local[:, :, -1], growth[:, :, -1])[:, :, None])
-        c = c.reshape(B, -1, C)[:, :T]
-        ctx.save_for_backward(growth, b, c)
-        return c
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_c):
-        growth, b, c = ctx.saved_tensors
-        B, T, C = grad_c.shape
-        to_end = sums_within_chunks(chunks(grad_c) * growth, to_end=True)  # sum_{s>=t} grad_s growth_s
-        decay = growth[:, :, -1]  # each chunk's decay from its start to its end (B, n, C)
-        g_in = across_chunks(to_end[:, :, 0], decay, last_first=True)
-        g = to_end.add_((decay * g_in)[:, :, None]).div_(growth).reshape(B, -1, C)[:, :T]
-        return (g * (c - b) if ctx.needs_input_grad[0] else None), g  # without --gate log a needs no gradient
-
-
-def parallel_scan(log_a, b):
-    return ParallelScan.apply(log_a, b)
-
-
-# -----------------------------------------------------------------------------
-# the short convolution, without padding
-
-
-class CausalConv(torch.autograd.Function):
-    """stack.ShortConv's loop (x (B, T, E), weight (E, K), bias (E) -> u (B, T, E)) with its backward pass
-    written out. Tap j looks lag = K - 1 - j positions back; each tap touches only the T - lag positions that
-    have an input, so nothing is padded, and autograd's zero gradient the padded size per tap is never built.
-    Each tap's weights are copied into a row of their own: an elementwise op over a column strided by K runs
-    unvectorised."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        T, K = x.size(1), weight.size(1)
-        rows = weight.T.contiguous()  # (K, E): tap j's weights side by side
-        u = torch.addcmul(bias, x, rows[K - 1])  # the newest input, lag 0
-        for j, lag in taps(K, T):
-            u[:, lag:].addcmul_(x[:, : T - lag], rows[j])
-        ctx.save_for_backward(x, rows)
-        return u
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_u):
-        x, rows = ctx.saved_tensors
-        T, K = x.size(1), rows.size(0)
-        grad_x = grad_u * rows[K - 1]
-        grad_rows = torch.zeros_like(rows)  # stays 0 for taps that look back past the start
-        grad_rows[K - 1] = (grad_u * x).sum((0, 1))
-        for j, lag in taps(K, T):  # x_s reaches u_{s + lag} through tap j
-            grad_x[:, : T - lag].addcmul_(grad_u[:, lag:], rows[j])
-            grad_rows[j] = (grad_u[:, lag:] * x[:, : T - lag]).sum((0, 1))
-        return grad_x, grad_rows.T, grad_u.sum((0, 1))
-
-
-def taps(K, T):
-    """(tap, lag) for every tap but the newest that reaches back to an input: lag = K - 1 - tap < T."""
-    return [(j, K - 1 - j) for j in range(K - 1) if K - 1 - j < T]
 
 
 # -----------------------------------------------------------------------------

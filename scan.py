@@ -15,8 +15,7 @@ Here it is evaluated directly, one chunk at a time, which is safe because A rest
 chunk: exp(-A_s) stays below e^64 since every keep gate is at least MIN_KEEP = e^-4 (16
 positions x 4). test_models.py checks values and gradients against the loop.
 
-fast.py has the same scan with its backward pass written out. The context matrix's
-recurrence (the delta rule) has its own file: delta_rule.py.
+The context matrix's recurrence (the delta rule) has its own file: delta_rule.py.
 """
 
 import math
@@ -48,16 +47,16 @@ def chunked_scan(log_a, b):
     same recurrence, one level up, over the chunk ends.
     """
     B, T, C = b.shape
-    A = sums_within_chunks(chunks(log_a))  # (B, n, Q, C): log of the decay from the chunk's start to t, >= -64
+    A = chunks(log_a).cumsum(2)  # (B, n, Q, C): log of the decay from the chunk's start to t, >= -64
     growth = A.exp()
-    local = growth * sums_within_chunks(chunks(b) * (-A).exp())  # every chunk scanned from c_in = 0
+    local = growth * (chunks(b) * (-A).exp()).cumsum(2)  # every chunk scanned from c_in = 0
     c_in = across_chunks(local[:, :, -1], growth[:, :, -1])  # (B, n, C)
     c = local + growth * c_in[:, :, None]
     return c.reshape(B, -1, C)[:, :T]
 
 
 # -----------------------------------------------------------------------------
-# small pieces (fast.py uses them too)
+# small pieces
 
 
 def chunks(x):
@@ -67,25 +66,14 @@ def chunks(x):
     return F.pad(x, (0, 0, 0, pad)).unflatten(1, (-1, SCAN_CHUNK))
 
 
-def sums_within_chunks(x, to_end=False):
-    """Cumulative sums along each chunk of x (B, n, Q, C): from its start (s <= t), or towards its end
-    (s >= t). A product with a Q x Q triangle of ones, in x's own precision even under autocast:
-    a running sum in bfloat16 would drift."""
-    ones = torch.ones(SCAN_CHUNK, SCAN_CHUNK, dtype=x.dtype, device=x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        return (ones.triu() if to_end else ones.tril()) @ x
-
-
-def across_chunks(ends, decay, last_first=False):
-    """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1},
-    or, last_first, x_{n-1} = 0 and x_i = ends_{i+1} + decay_{i+1} x_{i+1}. ends, decay: (B, n, C).
+def across_chunks(ends, decay):
+    """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1}.
+    ends, decay: (B, n, C).
 
     Solved by doubling. After the round with span s,
         y_i = sum_{j = i-2s+1 .. i} decay_{j+1} ... decay_i * ends_j    and    a_i = decay_{i-2s+1} ... decay_i
     (indices below 0 left out), so once 2s >= n, y_i sums every chunk up to i: y_i = x_{i+1}. No
     division, so nothing overflows however small the decays (a chunk's can be e^-64)."""
-    if last_first:
-        return across_chunks(ends.flip(1), decay.flip(1)).flip(1)
     y, a = ends, decay
     span = 1
     while span < y.size(1):

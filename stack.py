@@ -75,11 +75,8 @@ class ShortConv(nn.Module):
         bound = 1 / math.sqrt(width)  # PyTorch's default for a depthwise Conv1d
         self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, K), oldest first
         self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
-        self.fast = None  # fast.py's version with its backward pass written out; None: the loop below
 
     def forward(self, x):
-        if self.fast is not None:
-            return self.fast(x, self.weight, self.bias)
         T, K = x.size(1), self.weight.size(1)
         padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
         u = self.bias
@@ -123,7 +120,7 @@ class Mixer(nn.Module):
         self.to_inputs = nn.Linear(E, sum(sizes))  # all of them in one matmul
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
-        self.fast = None  # fast.py's recurrence with its backward pass written out; None: the lesson's
+        self.fast = None  # the matrix: fast.py's delta rule with its backward pass written out; None: the lesson's
         self.fast_inputs = None  # fast.py's input projection, padded to a multiple of 16 rows; None: as written
 
     def inputs(self, u):
@@ -161,7 +158,7 @@ class VectorMixer(Mixer):
             log_a, b = torch.zeros_like(value), value
         else:  # c_t = a_t c_{t-1} + (1 - a_t) v_t
             log_a, b = keep.log(), write * value
-        c = (self.fast or chunked_scan)(log_a, b)  # c_t at every position at once (scan.py)
+        c = chunked_scan(log_a, b)  # c_t at every position at once (scan.py)
         return self.read_out(c, read)  # (B, T, E)
 
     def init_state(self, batch_size, device):

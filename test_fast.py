@@ -6,15 +6,11 @@ none of them.
     python -m pytest -q test_fast.py
 """
 
-import math
-
 import pytest
 import torch
 
 import fast
 from models import build_model
-from scan import MIN_KEEP, chunked_scan, sequential_scan
-from stack import ShortConv
 from test_models import TINY, V, T, VARIANTS, assert_same_loss_and_gradients, loss_and_gradients, tiny
 
 
@@ -41,11 +37,10 @@ def pieces_in(model):
 
 
 def test_each_model_gets_its_pieces_and_no_fast_gets_none():
-    """The report's own update takes the written-out loop (a gated one has none); the stacks their scans and
-    convolutions; the Transformer its fused attention; fast=False (--no-fast) leaves every model as written."""
-    expected = {"seed": ["ContextCell"], "seed+norm+gate": [], "stack+norm+timescales+conv": ["ShortConv", "VectorMixer"],
-                "matrix": ["MatrixMixer", "ShortConv"], "hybrid": ["LocalAttention", "ShortConv", "VectorMixer"],
-                "transformer": ["CausalSelfAttention"]}
+    """The report's own update takes the written-out loop (a gated one has none); the matrix its delta rule; the
+    Transformer and the hybrid their fused attention; fast=False (--no-fast) leaves every model as written."""
+    expected = {"seed": ["ContextCell"], "seed+norm+gate": [], "stack+norm+timescales+conv": [],
+                "matrix": ["MatrixMixer"], "hybrid": ["LocalAttention"], "transformer": ["CausalSelfAttention"]}
     for name, pieces in expected.items():
         arch, config = VARIANTS[name]
         assert pieces_in(build_model(arch, **config)) == pieces
@@ -112,53 +107,22 @@ def test_onednn_products_equal_torchs(monkeypatch):
         assert not fast.Products(idx.float()).onednn
 
 
-@pytest.mark.parametrize("gates", ["any", "at the floor"])
-@pytest.mark.parametrize("dtype,tol,autocast", [(torch.float64, 1e-12, False), (torch.float32, 1e-5, False),
-                                                (torch.float32, 1e-5, True)])
-def test_scans_equal_the_loop(dtype, tol, autocast, gates):
-    """The lesson's chunked scan and the engine's (backward written out) equal the loop in value and gradient,
-    over many chunks, for any keep gate the models can produce (MIN_KEEP .. 1) and with every gate forgetting
-    as fast as it can; relative to the largest value, 1e-5 in float32, also under bfloat16 autocast (the
-    scan's sums must not drop to bfloat16: they would be ~5e-2 off)."""
-    torch.manual_seed(0)
-    keep = torch.rand(2, 300, 8, dtype=dtype) if gates == "any" else torch.ones(2, 300, 8, dtype=dtype)
-    log_a = (keep * math.log(MIN_KEEP)).requires_grad_()
-    b = torch.randn(2, 300, 8, dtype=dtype).requires_grad_()
-    weights = torch.randn(2, 300, 8, dtype=dtype)
-    outputs, grads = [], []
-    for scan in (sequential_scan, chunked_scan, fast.parallel_scan):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and scan is not sequential_scan):
-            c = scan(log_a, b)
-        (c * weights).sum().backward()
-        outputs.append(c.detach())
-        grads.append((log_a.grad.clone(), b.grad.clone()))
-        log_a.grad, b.grad = None, None
-    for loop, *chunked in [outputs] + list(zip(*grads)):
-        for other in chunked:
-            assert (loop - other).abs().max() <= tol * loop.abs().max()
+def delta_rule_inputs():
+    q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64) for _ in range(3))
+    return q, torch.nn.functional.normalize(k, dim=-1), v, torch.rand(1, 2, 9, dtype=torch.float64), \
+        -torch.rand(1, 2, 9, dtype=torch.float64)
 
 
-@pytest.mark.parametrize("width,length", [(4, 9), (4, 2), (1, 5), (3, 3)])
-def test_short_conv_equals_its_loop(width, length):
-    """The short convolution's written-out backward (fast.CausalConv) gives the loop's values and gradients,
-    also where taps look back past the first position (length < width) and with a single tap."""
-    torch.manual_seed(0)
-    conv = ShortConv(6, width).double()
-    x = torch.randn(2, length, 6, dtype=torch.float64, requires_grad=True)
-    weights = torch.randn(2, length, 6, dtype=torch.float64)
-    results = []
-    for piece in (None, fast.CausalConv.apply):
-        conv.fast = piece
-        u = conv(x)
-        results.append([u.detach()] + list(torch.autograd.grad((u * weights).sum(), [x, *conv.parameters()])))
-    for loop, written_out in zip(*results):
-        assert torch.allclose(written_out, loop, rtol=1e-12, atol=1e-14)
+def report_loop_inputs():
+    H, C = 5, 3
+    return [torch.randn(6, 2, H, dtype=torch.float64), torch.randn(H, C, dtype=torch.float64),
+            torch.randn(H, H, dtype=torch.float64), torch.randn(H, dtype=torch.float64),
+            torch.randn(C, H, dtype=torch.float64), torch.randn(C, dtype=torch.float64)]
 
 
 @pytest.mark.parametrize("piece,inputs", [
-    (fast.parallel_scan, lambda: (-torch.rand(1, 20, 3, dtype=torch.float64), torch.randn(1, 20, 3, dtype=torch.float64))),
-    (fast.CausalConv.apply, lambda: (torch.randn(1, 5, 3, dtype=torch.float64), torch.randn(3, 2, dtype=torch.float64),
-                                     torch.randn(3, dtype=torch.float64)))])
+    (lambda *x: fast.delta_rule_chunked(*x, chunk=4), delta_rule_inputs),
+    (lambda *x: fast.context_loop(None, *x), report_loop_inputs)], ids=["delta_rule", "report_loop"])
 def test_a_second_derivative_through_a_written_out_backward_is_refused(piece, inputs):
     """The written-out backward passes are not themselves differentiable: asking for a second derivative must fail
     loudly, not return a wrong number."""
