@@ -14,7 +14,7 @@ Models (parameters counted without the Transformer's position table, which
 only has to be long enough for the longest context measured):
   transformer   GPT-style, 4 blocks of width 128 (the CPU-scale baseline)
   newllm-stack  the best vector stack (train.py --preset best-newllm-cpu), trained
-                through the parallel scan (scan.py)
+                through the chunked scan (scan.py)
   matrix-stack  the context-matrix stack (--preset best-matrix-cpu), trained through
                 the chunked delta rule (delta_rule.py)
   newllm-seed   the seed report's model at the same size, a loop over positions
@@ -469,7 +469,7 @@ def compiled_training(results, device, repeats, rounds, json_path):
     models = {name: make(name, max(lengths), device) for name in names}
     entries = {**models, **{name + EAGER: models[name] for name in names}}
     # dynamic=False: a graph of its own for each length, as a training run (one block size) gets; by default
-    # the second length would recompile into one graph for any length, slower here (README, Speed)
+    # the second length would recompile into one graph for any length, slower here (docs/speed.md)
     forwards = {**{name: torch.compile(model, dynamic=False) for name, (model, _) in models.items()},
                 **{name + EAGER: None for name in names}}  # None: call the model itself
     rounds_by_entry = results["train_rounds"] = take_turns(entries, {name: lengths for name in entries},

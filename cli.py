@@ -9,6 +9,7 @@ Nothing here is about language models; read newllm.py first.
 import argparse
 import ctypes
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -44,8 +45,7 @@ def reuse_freed_memory():
 
     A training step allocates and frees the same large activations every step. By default
     glibc returns blocks that large to the system, and getting them back costs a page fault
-    per 4 KiB the next time they are written: about a quarter of the vector stack's CPU step on the
-    earlier machine of the README's speed section (torch.profiler), little of the Transformer's. Blocks of
+    per 4 KiB the next time they are written: a large share of a stack's CPU step (docs/speed.md). Blocks of
     32 MiB and more always go back (the most glibc allows), so no tensor of a training step should reach
     that size. PyTorch's CPU performance guide gets the same by preloading jemalloc or tcmalloc.
     Elsewhere (macOS, musl, Windows) this does nothing.
@@ -87,6 +87,18 @@ def pick_device(name):
     if name not in ("cpu", "cuda", "mps"):
         raise UserError(f"unknown device '{name}' (choose auto, cpu, cuda or mps)")
     return torch.device(name)
+
+
+def autocast_for(device, amp):
+    """bfloat16 autocast on a CUDA GPU that computes in bfloat16 natively (compute capability 8.0 on: A100,
+    H100, RTX 30xx and later), else none: float32, said in one line where --amp asked for more (a T4 or V100 only
+    emulates bfloat16; float16 would need a gradient scaler this lab does not carry)."""
+    if not amp or device.type != "cuda":
+        return nullcontext()
+    if torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    print(f"note: {torch.cuda.get_device_name(device)} has no native bfloat16: training in float32")
+    return nullcontext()
 
 
 def hardware(device):

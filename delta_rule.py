@@ -89,6 +89,7 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
         g = log_alpha.cumsum(-1)                                    # (B, nh, n, Q)
         gamma = g.exp()
         below = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril()
+        # above the diagonal g_t - g_i > 0 could overflow exp: masked to -inf first, so it is exp(-inf) = 0
         decay = (g[..., :, None] - g[..., None, :]).masked_fill(~below, float("-inf")).exp()  # (.., Q, Q)
         eye = torch.eye(Q, dtype=q.dtype, device=q.device)
         lower = eye + (beta[..., None] * (k @ k.mT) * decay).tril(-1)  # I + A
@@ -101,8 +102,8 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
         outs = []
         for c in range(n):
             U = U0[:, :, c] - W[:, :, c] @ S.mT                     # (B, nh, Q, dv)
-            outs.append(gamma[:, :, c, :, None] * (q[:, :, c] @ S.mT) + P[:, :, c] @ U)
-            S = gamma[:, :, c, -1, None, None] * S + U.mT @ decayed_k[:, :, c]
+            outs.append(gamma[:, :, c, :, None] * (q[:, :, c] @ S.mT) + P[:, :, c] @ U)  # (B, nh, Q, dv)
+            S = gamma[:, :, c, -1, None, None] * S + U.mT @ decayed_k[:, :, c]  # (B, nh, dv, dk)
         o = torch.cat(outs, dim=2)[:, :, :T]                        # (B, nh, T, dv)
     return o.to(out_dtype)
 

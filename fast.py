@@ -12,7 +12,9 @@ float64, at odd shapes) and is kept only while it makes its model's training ste
 (results/engine.json; written-out backward passes for the vector scan and the short convolution
 were measured too, gained less, and were dropped). A model picks a piece up through one visible
 line: the module's `fast` attribute (the stacks' input projection: `fast_inputs`), None in the
-lesson, set here.
+lesson, set here. A piece that replaces a module's whole forward pass (ContextCell, MLP) is called with
+the module first; one that replaces a function inside it (attention, the delta rule, the input
+projection) with that function's arguments.
 
     report_loop   newllm.ContextCell.forward, for the report's own update (no gate, no norm): the loop
                   over positions with its backward pass written out, each weight's gradient summed
@@ -44,7 +46,7 @@ def accelerate(model, pieces=PIECES):
             report_update = module.to_gate is None and module.norm is None  # the loop below knows only this update
             module.fast = report_loop if report_update else None
         elif isinstance(module, MatrixMixer) and "delta_rule" in pieces:
-            module.fast = delta_rule_chunked
+            module.fast = delta_rule_fast
         elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
             module.fast = fused_attention
         if isinstance(module, MLP) and "padding" in pieces and module.up.out_features % 16:
@@ -102,7 +104,7 @@ def fused_attention(q, k, v, allowed, dropout):
 # loop, because it never reads the context):
 #     z_0 = P_t + W_c c_{t-1};   h_0 = drop(relu(z_0))
 #     z_l = W_l h_{l-1} + b_l;   h_l = drop(relu(z_l))          l = 1 .. L-1
-#     c_t = c_{t-1} + W_o h_{L-1} + b_o
+#     c_t = c_{t-1} + W_ctx h_{L-1} + b_ctx
 # Autograd records ~3L operations at every position and adds each weight's gradient, a thin (H x B) @ (B x H)
 # product, into .grad T times over. Only the gradients flowing backwards through the positions must be
 # computed one position at a time; each weight's gradient is a sum over positions, dW_l = sum_t dz_l,t^T
@@ -138,8 +140,8 @@ def onednn_works():
     PyTorch (its compiler's CPU backend uses them): every call form used is tried once on random numbers against
     torch's own product; anything missing, changed or wrong falls back to torch's products."""
     try:
-        torch.manual_seed(0)
-        x, other, w, b = torch.randn(3, 5), torch.randn(3, 4), torch.randn(4, 5), torch.randn(4)
+        numbers = torch.Generator().manual_seed(0)  # its own generator: importing this file changes no random state
+        x, other, w, b = (torch.randn(*shape, generator=numbers) for shape in ((3, 5), (3, 4), (4, 5), (4,)))
         laid_out = torch.ops.mkldnn._reorder_linear_weight(w, 3)
         mkldnn = torch.ops.mkldnn._linear_pointwise
         answers = [(mkldnn(x, laid_out, None, "none", [], ""), x @ w.T),
@@ -187,7 +189,7 @@ class Products:
 
 class ContextLoop(torch.autograd.Function):
     """masks: L tensors (T, B, H) or None; token_part P (T, B, H); W_c (H, C), then W_1, b_1, ..., W_{L-1},
-    b_{L-1}, W_o (C, H), b_o (C) -> h_{L-1} at every position (T, B, H).
+    b_{L-1}, W_ctx (C, H), b_ctx (C) -> h_{L-1} at every position (T, B, H).
 
     Every per-position tensor is kept one per layer, (T, B, H), not as one (L, T, B, H) block: blocks of 32 MiB
     and more go back to the system when freed (cli.reuse_freed_memory), and would be paged in again every step."""
@@ -212,7 +214,7 @@ class ContextLoop(torch.autograd.Function):
                 h = dropped(products.plus_linear(token_part[t], context, loop_weights[0]).relu_(), 0, t)  # h_0
                 for l, (weight, bias) in enumerate(loop_layers, start=1):
                     h = dropped(products.linear_relu(h, weight, bias), l, t)  # h_l
-                context = products.plus_linear(context, h, loop_weights[-1], out_bias)  # c_t = c_{t-1} + W_o h + b_o
+                context = products.plus_linear(context, h, loop_weights[-1], out_bias)  # c_t = c_{t-1} + W_ctx h + b_ctx
             ctx.layers = len(hidden)
             ctx.save_for_backward(*hidden, contexts, context_weight, out_weight, *weights[:-2:2], *(masks or ()))
             return hidden[-1].clone()
@@ -228,21 +230,21 @@ class ContextLoop(torch.autograd.Function):
             multiplier = [h.sign() for h in hidden]  # D_l (dz = dh * D): h_l >= 0, so 1 where h_l > 0
             for d, mask in zip(multiplier, masks):
                 d.mul_(mask)
-            # backwards multiplies by W rather than W^T: back_weights[l] is W_l^T (0: W_c^T, L: W_o^T), laid out once
+            # backwards multiplies by W rather than W^T: back_weights[l] is W_l^T (0: W_c^T, L: W_ctx^T), laid out once
             back_weights = [products.laid_out(w.T) for w in (context_weight, *layer_weights, out_weight)]
             grad_z = [torch.empty_like(h) for h in hidden]  # dL/dz_l at every position
             grad_c = grad_out.new_empty(T, B, context_weight.size(1))  # dL/dc_t at every position
             dc = grad_out.new_zeros(B, context_weight.size(1))  # nothing after the last position
             for t in reversed(range(T)):
                 grad_c[t] = dc
-                g = products.plus_linear(grad_out[t], dc, back_weights[-1])  # dL/dh_{L-1}: the output, and via c_t
+                dh = products.plus_linear(grad_out[t], dc, back_weights[-1])  # dL/dh_{L-1}: the output, and via c_t
                 for l in reversed(range(1, L)):
-                    g = products.linear(torch.mul(g, multiplier[l][t], out=grad_z[l][t]), back_weights[l])
-                dz0 = torch.mul(g, multiplier[0][t], out=grad_z[0][t])
+                    dh = products.linear(torch.mul(dh, multiplier[l][t], out=grad_z[l][t]), back_weights[l])
+                dz0 = torch.mul(dh, multiplier[0][t], out=grad_z[0][t])
                 dc = products.plus_linear(dc, dz0, back_weights[0])  # dL/dc_{t-1} = dL/dc_t + dz_0 W_c
             # the weight gradients: sums over all positions, one large product each
-            rows = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
-            summed = lambda a, b: products.linear(rows(a).T, rows(b).T)  # noqa: E731  sum_t a_t^T b_t
+            positions = lambda x: x.reshape(-1, x.size(-1))  # noqa: E731  (T, B, n) -> (T*B, n)
+            summed = lambda a, b: products.linear(positions(a).T, positions(b).T)  # noqa: E731  sum_t a_t^T b_t
             grads = []
             for l in range(1, L):
                 grads += [summed(grad_z[l], hidden[l - 1]), grad_z[l].sum((0, 1))]
@@ -259,19 +261,19 @@ def context_loop(masks, token_part, context_weight, *weights):
 # the chunked delta rule, its backward pass written out
 
 
-def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
+def delta_rule_fast(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
     """delta_rule.delta_rule_chunked's result, by ChunkedDeltaRule."""
     out_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
         q, k, v, beta, log_alpha = map(at_least_float32, (q, k, v, beta, log_alpha))
         if log_alpha is None:
             log_alpha = torch.zeros_like(beta)
-        o = chunked_delta_rule(q, k, v, beta, log_alpha, min(chunk, k.shape[2]))
+        o = apply_chunked_delta_rule(q, k, v, beta, log_alpha, min(chunk, k.shape[2]))
     return o.to(out_dtype)
 
 
 @torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
-def chunked_delta_rule(q, k, v, beta, log_alpha, Q):
+def apply_chunked_delta_rule(q, k, v, beta, log_alpha, Q):
     return ChunkedDeltaRule.apply(q, k, v, beta, log_alpha, Q)
 
 

@@ -17,7 +17,7 @@ The model, at each position t (REPORT.md, "The model"; the brackets give each ve
     x_t      = tok_emb[idx_t] + pos_emb[t]                                     (E)
     h_t      = FNN([x_t ; c_{t-1}])        FNN = (Linear -> ReLU -> Dropout) x L   (H)
     logits_t = W_tok h_t + b_tok                                               (V)
-    c_t      = c_{t-1} + W_ctx h_t + b_ctx  additive update, c_0 = 0          (C)
+    c_t      = c_{t-1} + delta_t,  delta_t = W_ctx h_t + b_ctx   additive, c_0 = 0   (C)
 and its two single-context variants (REPORT.md, "What it proposed, and never built", 4, and the
 author's later note):
     --gate          a_t = sigmoid(W_a h_t + b_a);   c_t = a_t * c_{t-1} + (1 - a_t) * (W_ctx h_t + b_ctx)
@@ -25,7 +25,8 @@ author's later note):
 
 h_t reads c_{t-1}, which needed h_{t-1}: the positions must be visited one after another,
 in training too. `ContextCell.step` is the definition, one position; `forward` runs it at every
-position. fast.py has the same loop with its backward pass written out (`--no-fast` turns it off).
+position. fast.py has the same loop with its backward pass written out, for the report's own update
+(no --gate, no --context-norm; `--no-fast` turns it off).
 
 Built in stack.py instead: several contexts, gates that read only the input (so training
 runs in parallel), a matrix memory.

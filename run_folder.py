@@ -189,7 +189,7 @@ def claim_out_dir(out_dir, args):
 
 
 def make_checkpoint(model, optimizer, dataset, args, run, rng_states):
-    """Everything needed to use the model alone, or to continue the run exactly (checkpoint.py)."""
+    """Everything needed to use the model alone, or to continue the run exactly (this file's docstring)."""
     return {"arch": args.arch, "model_config": model_config_dict(model), "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "tokenizer": dataset.tokenizer.state_dict(),
             "data": dataset.identity, **asdict(run), "rng": rng_states, "args": vars(args)}

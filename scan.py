@@ -23,8 +23,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-MIN_KEEP = math.exp(-4)  # a_t >= e^-4 ~ 0.018: 16 positions of decay stay within float32's range
 SCAN_CHUNK = 16
+MIN_KEEP = math.exp(-64 / SCAN_CHUNK)  # a_t >= e^-4 ~ 0.018: a chunk's decay, >= e^-64, stays within float32's range
 
 
 def sequential_scan(log_a, b):
@@ -48,11 +48,11 @@ def chunked_scan(log_a, b):
     """
     B, T, C = b.shape
     A = chunks(log_a).cumsum(2)  # (B, n, Q, C): log of the decay from the chunk's start to t, >= -64
-    growth = A.exp()
-    local = growth * (chunks(b) * (-A).exp()).cumsum(2)  # every chunk scanned from c_in = 0
-    c_in = across_chunks(local[:, :, -1], growth[:, :, -1])  # (B, n, C)
-    c = local + growth * c_in[:, :, None]
-    return c.reshape(B, -1, C)[:, :T]
+    decay = A.exp()  # exp(A_t) <= 1
+    local = decay * (chunks(b) * (-A).exp()).cumsum(2)  # every chunk scanned from c_in = 0
+    c_in = across_chunks(local[:, :, -1], decay[:, :, -1])  # (B, n, C)
+    c = local + decay * c_in[:, :, None]  # (B, n, Q, C)
+    return c.reshape(B, -1, C)[:, :T]  # (B, T, C): the padding cut off
 
 
 # -----------------------------------------------------------------------------
@@ -67,8 +67,8 @@ def chunks(x):
 
 
 def across_chunks(ends, decay):
-    """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1}.
-    ends, decay: (B, n, C).
+    """The value carried into each chunk i = 0 .. n-1, (B, n, C): x_0 = 0 and x_i = ends_{i-1} + decay_{i-1} x_{i-1},
+    where ends_i is chunk i's last value scanned from 0 and decay_i its decay from start to end. ends, decay: (B, n, C).
 
     Solved by doubling. After the round with span s,
         y_i = sum_{j = i-2s+1 .. i} decay_{j+1} ... decay_i * ends_j    and    a_i = decay_{i-2s+1} ... decay_i

@@ -29,7 +29,7 @@ The memory, chosen by --mixer:
             c_t = a_t * c_{t-1} + (1 - a_t) * W_v u_t                                        (C)
             c_t = c_{t-1} + W_v u_t                without --gate: the report's plain addition
             m_t = c_t
-          The floor keeps the parallel scan inside float32's range (scan.py). --timescales raises
+          The floor keeps the chunked scan inside float32's range (scan.py). --timescales raises
           it per channel, from ~0 (forgets at once) to ~1 (remembers about T tokens): fast and
           slow contexts by construction (the report's fix 2, a hierarchy).
   matrix  one context matrix per head, written with the delta rule (DeltaNet; with --gate,
@@ -95,7 +95,7 @@ def gate_floors(channels, timescales, longest):
 
     With --timescales, channel i cannot forget faster than a half-life h_i; the half-lives
     run geometrically from 1/8 token (f ~ 0) to `longest` tokens (f ~ 1): f = 0.5 ** (1 / h).
-    Without it every floor is MIN_KEEP, the least the parallel scan can carry (scan.py).
+    Without it every floor is MIN_KEEP, the least the chunked scan can carry (scan.py).
     """
     if not timescales:
         return torch.full((channels,), MIN_KEEP)
@@ -120,7 +120,6 @@ class Mixer(nn.Module):
         self.to_inputs = nn.Linear(E, sum(sizes))  # all of them in one matmul
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
-        self.fast = None  # the matrix: fast.py's delta rule with its backward pass written out; None: the lesson's
         self.fast_inputs = None  # fast.py's input projection, padded to a multiple of 16 rows; None: as written
 
     def inputs(self, u):
@@ -177,6 +176,7 @@ class MatrixMixer(Mixer):
         # in order: r_t (C), q_t and k_t (nh * dk each), v_t (C), beta_t's and (--gate) alpha_t's logits (nh each)
         nh, keys = config.context_heads, config.context_heads * config.key_dim
         super().__init__(config, [config.context_dim, 2 * keys, config.context_dim, (2 if config.gate else 1) * nh])
+        self.fast = None  # fast.py's delta rule with its backward pass written out; None: delta_rule.py's
 
     def coefficients(self, u):
         """u (..., E) -> q, k (..., nh, dk) of unit length, v (..., nh, dv); beta, log alpha (..., nh); read gate r_t."""
@@ -252,7 +252,8 @@ class ContextBlock(nn.Module):
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
     def init_state(self, batch_size, device):
-        E, K = self.ln_mix.normalized_shape[0], self.conv.weight.size(1) if self.conv is not None else 1
+        E = self.ln_mix.normalized_shape[0]
+        K = self.conv.weight.size(1) if self.conv is not None else 1
         return {"memory": self.mixer.init_state(batch_size, device),  # the context vector or matrices
                 "recent": torch.zeros(batch_size, K - 1, E, device=device),  # the conv's last K - 1 inputs
                 "local": None}  # the hybrid's last w keys and values, once there are any

@@ -585,3 +585,18 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
     assert json.loads((out / "config.json").read_text())["world_size"] == 2
     assert len(load_checkpoint(out / "last.pt")["rng"]) == 2  # every rank's batch state, for resume
     assert result.stdout.count("params:") == 1  # only rank 0 speaks
+
+
+def test_mixed_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, capsys):
+    """On a GPU with native bfloat16 (compute capability 8 on) --amp autocasts to it; on an older one (a V100, 7.0)
+    training stays in float32 and says so in one line; on a CPU, or with --no-amp, nothing is cast."""
+    from cli import autocast_for
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100")
+    for capability, expected in (((8, 0), torch.bfloat16), ((7, 0), None)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        context = autocast_for(cuda, amp=True)
+        assert getattr(context, "fast_dtype", None) == expected
+    assert capsys.readouterr().out == "note: Tesla V100 has no native bfloat16: training in float32\n"
+    assert not isinstance(autocast_for(cuda, amp=False), torch.autocast)
+    assert not isinstance(autocast_for(torch.device("cpu"), amp=True), torch.autocast)

@@ -13,8 +13,8 @@ evaluation), ckpt.pt (the best validation loss) and last.pt (the latest state, f
 --resume). It ends by printing a sample of generated text.
 
 Read main() and train() top to bottom: setup, data, model, optimiser, then the loop
-(evaluate and save -> step -> log -> stop). After them come the small pieces they call
-(estimate_loss, get_lr, schedule) and the flags. The run's folder (lock, checkpoints,
+(evaluate and save -> step -> log -> stop). Around them come the small pieces they call
+(configure_optimizer, evaluate_and_save, check_finite, estimate_loss, get_lr, schedule) and the flags. The run's folder (lock, checkpoints,
 resuming, signals) is run_folder.py's, several processes processes.py's.
 """
 
@@ -22,14 +22,13 @@ import argparse
 import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import fields
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from cli import Parser, UserError, check_seed, hardware, pick_device, run_script
+from cli import Parser, UserError, autocast_for, check_seed, hardware, pick_device, run_script
 from data import IGNORE, describe, load_dataset
 from models import ARCHS, build_model, count_params, model_config_dict
 from presets import PRESETS
@@ -113,8 +112,7 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
     out_dir = Path(args.out_dir)
     trained = torch.compile(model) if args.compile else model
     trained = proc.wrap(trained)
-    amp = args.amp and proc.device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if amp else nullcontext()
+    autocast = autocast_for(proc.device, args.amp)  # bfloat16 where the GPU has it natively, else float32
     eval_data = {split: dataset.eval_batches(split, args.batch_size, args.eval_iters) for split in ("train", "val")}
     tokens_per_step = args.batch_size * args.block_size * proc.world_size
     started = time.time() - run.elapsed_s
@@ -185,8 +183,9 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
 def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr):
     """Evaluate, log and write ckpt.pt (if the best so far) and last.pt; the metrics, in the main process only."""
     rng_states = proc.gather(rng_state(dataset, proc.device))  # every process takes part in this
-    metrics = estimate_loss(model, eval_data, proc.device, autocast) if proc.master else None  # the plain model:
-    finite = proc.gather(metrics is None or math.isfinite(metrics["val_loss"]))  # no DDP sync in evaluation
+    # the plain model, not the DDP wrapper: evaluation needs no synchronisation between processes
+    metrics = estimate_loss(model, eval_data, proc.device, autocast) if proc.master else None
+    finite = proc.gather(metrics is None or math.isfinite(metrics["val_loss"]))
     if not all(finite):  # every process learns it, so none waits for the others forever
         raise Diverged(f"validation loss is {metrics['val_loss'] if metrics else 'not finite'} at step {run.step}")
     if not proc.master:
@@ -312,7 +311,8 @@ def build_parser():
 
     g = p.add_argument_group("system and output")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
-    g.add_argument("--amp", action=bool_flag, default=True, help="bfloat16 autocast on CUDA")
+    g.add_argument("--amp", action=bool_flag, default=True,
+                   help="bfloat16 autocast on a CUDA GPU that has native bfloat16 (else float32, said in one line)")
     g.add_argument("--compile", action=bool_flag, default=False, help="torch.compile the model")
     g.add_argument("--fast", action=bool_flag, default=True,
                    help="use fast.py's engine (--no-fast: the models exactly as the lesson files write them)")
