@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cli import Parser, UserError, hardware, pick_device, run_script
+from cli import Parser, UserError, hardware, run_script
 
 REPO = Path(__file__).resolve().parent
 PRESETS = ("transformer-gpu", "best-newllm", "best-matrix")
@@ -68,7 +68,8 @@ def main(argv=None):
     parser.add_argument("--out", help="the folder (default results/gpu-<date>)")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
-    pick_device(device)  # no CUDA GPU: one line, before anything is written
+    if not args.dry_run and not torch.cuda.is_available():  # one line, before anything is written
+        raise UserError("PyTorch sees no CUDA GPU here: run this on a CUDA machine, or add --dry-run")
     out = Path(args.out or REPO / "results" / f"gpu-{time.strftime('%Y-%m-%d')}")
     out.mkdir(parents=True, exist_ok=True)
     where = hardware(torch.device(device))
