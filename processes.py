@@ -22,6 +22,8 @@ class Processes:
 
     @classmethod
     def start(cls, device):
+        if device.type == "cuda":  # TF32 matrix products (Ampere on); the models' running sums are not products
+            torch.backends.cuda.matmul.allow_tf32 = True
         if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
             return cls(device)
         if device.type == "cuda":

@@ -587,6 +587,15 @@ def test_torchrun_two_cpu_processes(corpus, tmp_path):
     assert result.stdout.count("params:") == 1  # only rank 0 speaks
 
 
+def test_a_cuda_process_turns_tf32_matrix_products_on(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    Processes.start(torch.device("cpu"))
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    Processes.start(torch.device("cuda"))
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
 def test_mixed_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, capsys):
     """On a GPU with native bfloat16 (compute capability 8 on) --amp autocasts to it; on an older one (a V100, 7.0)
     training stays in float32 and says so in one line; on a CPU, or with --no-amp, nothing is cast."""
