@@ -122,9 +122,10 @@ def report_loop(cell, x, masks=None):
     token_part = at_least_float32(token_part).transpose(0, 1).contiguous()  # (T, B, H); summed in float32
     if masks is None and cell.training and cell.config.dropout > 0:
         masks = dropout_masks(token_part, cell.config.dropout, cell.config.layers)
-    weights = [p for layer in cell.fnn[1:] for p in (layer.weight, layer.bias)]
-    hidden = context_loop(masks, token_part, first.weight[:, E:].contiguous(), *weights,
-                          cell.to_context.weight, cell.to_context.bias)  # (T, B, H)
+    weights = [first.weight[:, E:].contiguous(), *(p for layer in cell.fnn[1:] for p in (layer.weight, layer.bias)),
+               cell.to_context.weight, cell.to_context.bias]
+    # a bfloat16 or float16 model's weights join the float32 sum in float32 (a no-op for a float32 model)
+    hidden = context_loop(masks, token_part, *(w.to(token_part.dtype) for w in weights))  # (T, B, H)
     return hidden.transpose(0, 1).to(x.dtype)
 
 

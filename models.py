@@ -10,6 +10,7 @@ never branch on which model they hold. Each model has the same interface:
     newllm       the report's model, one context vector (newllm.py)
     stack        the context stack: vector or matrix memories (stack.py)
     transformer  the GPT-style baseline (transformer.py)
+    lstm         the classic fixed-state language model (lstm.py)
 
     python train.py --arch stack --mixer matrix --dry-run     # build one and count its parameters
 """
@@ -20,6 +21,7 @@ import torch
 
 from cli import UserError
 from fast import accelerate
+from lstm import LSTM, LSTMConfig
 from newllm import NewLLM, NewLLMConfig
 from stack import ContextStack, StackConfig
 from transformer import Transformer, TransformerConfig
@@ -28,6 +30,7 @@ ARCHS = {  # name -> (config class, model class)
     "newllm": (NewLLMConfig, NewLLM),
     "stack": (StackConfig, ContextStack),
     "transformer": (TransformerConfig, Transformer),
+    "lstm": (LSTMConfig, LSTM),
 }
 
 

@@ -76,6 +76,22 @@ def test_report_loop_with_dropout_equals_autograd():
         assert torch.allclose(got, expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["seed", "seed+norm+gate", "stack+norm+timescales+conv", "matrix", "hybrid",
+                                  "transformer", "lstm"])
+def test_every_architecture_trains_in_half_precision(name, dtype):
+    """A model cast to bfloat16 or float16 runs forward and backward, the engine included (the report's loop sums
+    in float32 and hands gradients back in the model's dtype), with a finite loss close to float32's."""
+    model = tiny(name).train()
+    idx = torch.randint(V, (2, T))
+    reference = model(idx, idx)[1].item()
+    model.to(dtype)
+    _, loss = model(idx, idx)
+    loss.backward()
+    assert all(p.grad.dtype == dtype and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    assert loss.item() == pytest.approx(reference, rel=0.05)
+
+
 def test_dropout_masks_keep_each_unit_with_probability_1_minus_p():
     torch.manual_seed(0)
     masks = fast.dropout_masks(torch.empty(64, 32, 128, dtype=torch.float64), 0.25, 2)

@@ -43,6 +43,7 @@ VARIANTS = {
     "transformer": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=4, layers=2, dropout=0.0)),
     "transformer post-norm": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=2, layers=2,
                                                   dropout=0.0, post_norm=True)),
+    "lstm": ("lstm", dict(vocab_size=V, block_size=T, embed_dim=16, hidden_dim=32, layers=2, dropout=0.0)),
 }
 
 
@@ -164,7 +165,7 @@ def test_timescale_floors_span_fast_to_slow():
     assert torch.equal(gate_floors(8, timescales=False, longest=256), torch.full((8,), MIN_KEEP))
 
 
-@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "matrix", "transformer"])
+@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "matrix", "transformer", "lstm"])
 def test_overfits_a_tiny_batch(name):
     """A model that cannot memorise 2 sequences cannot learn anything."""
     model = tiny(name).train()
@@ -178,7 +179,7 @@ def test_overfits_a_tiny_batch(name):
     assert loss.item() < 0.1
 
 
-@pytest.mark.parametrize("name", ["seed", "hybrid", "matrix", "transformer"])
+@pytest.mark.parametrize("name", ["seed", "hybrid", "matrix", "transformer", "lstm"])
 def test_checkpoint_round_trip(name, tmp_path):
     model = tiny(name)
     path = tmp_path / "ckpt.pt"
@@ -254,6 +255,19 @@ def test_param_counts_equal_the_formulas():
         == seed_params(50, 64, 32, 48, 80, 3, gate=True, norm=True)
     assert count_params(build_model("transformer", vocab_size=65, block_size=128)) \
         == transformer_params(65, 128, 256, 3, 1024)
+
+
+def test_lstm_cpu_matches_the_transformer_cpu_within_1_percent():
+    """Counted by hand from the LSTM's equations: per layer 4H (input + H) weights and two biases of 4H (PyTorch
+    keeps b_ih and b_hh), then the embedding and the head; and within 1% of transformer-cpu's count."""
+    from presets import model_settings
+    counts = {}
+    for preset in ("lstm-cpu", "transformer-cpu"):
+        config = model_settings(preset)
+        counts[preset] = count_params(build_model(config.pop("arch"), vocab_size=65, **config))
+    E, H = 128, 238
+    assert counts["lstm-cpu"] == 65 * E + 4 * H * (E + H) + 8 * H + 4 * H * (H + H) + 8 * H + H * 65 + 65
+    assert abs(counts["lstm-cpu"] / counts["transformer-cpu"] - 1) < 0.01
 
 
 def test_seed_report_parameter_counts():
