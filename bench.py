@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import train
-from fast import PIECES, Products, accelerate, lesson_only
+from fast import HOOKS, PIECES, Products, accelerate, lesson_only
 from cli import Parser, UserError, hardware, pick_device, run_script
 from models import build_model, count_params, state_bytes
 from plot import check_image_path
@@ -366,7 +366,7 @@ def measure_engine(results, device, repeats, rounds):
     for name, (model, model_lengths, model_tokens) in cases.items():
         used = [p for p in PIECES if any(getattr(m, attribute, None) is not None
                                          for m in accelerate(lesson_only(model), [p]).modules()
-                                         for attribute in ("fast", "fast_inputs"))]
+                                         for attribute in HOOKS)]
         variants = {"engine": PIECES, "lesson": []}
         if len(used) > 1:
             variants.update({f"without {p}": [q for q in PIECES if q != p] for p in used})

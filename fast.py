@@ -36,6 +36,7 @@ from stack import MatrixMixer, Mixer
 from transformer import MLP, CausalSelfAttention
 
 PIECES = ("report_loop", "delta_rule", "attention", "padding")
+HOOKS = ("fast", "fast_inputs")  # the module attributes through which a model picks a piece up
 
 
 def accelerate(model, pieces=PIECES):
@@ -59,7 +60,7 @@ def accelerate(model, pieces=PIECES):
 def lesson_only(model):
     """Undo accelerate: every module back to its definition."""
     for module in model.modules():
-        for name in ("fast", "fast_inputs"):
+        for name in HOOKS:
             if hasattr(module, name):
                 setattr(module, name, None)
     return model

@@ -16,7 +16,6 @@ A step that fails is recorded and the next one runs; a finished training run is 
 <out>/summary.md lists every step, its exit code, its time and each run's best validation loss.
 """
 
-import json
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 from cli import Parser, UserError, hardware, run_script
+from run_folder import read_log
 
 REPO = Path(__file__).resolve().parent
 PRESETS = ("transformer-gpu", "best-newllm", "best-matrix")
@@ -56,10 +56,7 @@ def steps(device, out, dry_run):
 def best_loss(run_dir):
     """The best validation loss in a run's log, or None."""
     log = run_dir / "log.jsonl"
-    if not log.is_file():
-        return None
-    losses = [json.loads(line)["val_loss"] for line in log.read_text().splitlines() if line.strip()]
-    return min(losses) if losses else None
+    return min((record["val_loss"] for record in read_log(log)), default=None) if log.is_file() else None
 
 
 def main(argv=None):
