@@ -51,7 +51,7 @@ def check_config(config):
     flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
     c = asdict(config)
     for name in ("vocab_size", "block_size", "embed_dim", "context_dim", "hidden_dim", "layers", "heads",
-                 "context_heads", "key_dim"):
+                 "context_heads", "key_dim", "state_dim"):
         if c.get(name) is not None and c[name] < 1:
             raise UserError(f"{flag(name)} must be positive (got {c[name]})")
     if not 0 <= c["dropout"] < 1:
@@ -62,11 +62,11 @@ def check_config(config):
         raise UserError(f"--heads {c['heads']} must divide --embed-dim {c['embed_dim']}")
     if not isinstance(config, StackConfig):
         return
-    if c["mixer"] not in ("vector", "matrix"):
-        raise UserError(f"--mixer must be vector or matrix (got {c['mixer']})")
+    if c["mixer"] not in ("vector", "matrix", "mamba"):
+        raise UserError(f"--mixer must be vector, matrix or mamba (got {c['mixer']})")
     if c["context_dim"] % c["context_heads"]:
         raise UserError(f"--context-heads {c['context_heads']} must divide --context-dim {c['context_dim']}")
-    if c["mixer"] == "vector" and (c["context_heads"] != 1 or c["key_dim"] is not None):
+    if c["mixer"] != "matrix" and (c["context_heads"] != 1 or c["key_dim"] is not None):
         raise UserError(f"{'--context-heads' if c['context_heads'] != 1 else '--key-dim'} belongs to the matrix "
                         "mixer: add --mixer matrix")
     if c["timescales"] and not (c["gate"] and c["mixer"] == "vector"):

@@ -3,7 +3,7 @@ The configurations people rerun, by name: `python train.py --preset NAME` (any f
 beside a preset overrides it). bench.py and experiments.py build their models from here too.
 
     seed-baseline, seed-exp1..3, seed-transformer   the report's five architectures and settings (REPORT.md)
-    best-newllm-cpu / best-matrix-cpu / transformer-cpu / lstm-cpu   ~0.83M parameters, matched: a laptop CPU
+    best-newllm-cpu / best-matrix-cpu / transformer-cpu / lstm-cpu / mamba-cpu   ~0.83M parameters, matched: a laptop CPU
     best-newllm / best-matrix / transformer-gpu           ~10.8M parameters (nanoGPT's Shakespeare size): a GPU
 
 "best-newllm" is New-LLM in its best form, the vector stack (stack.py); "best-matrix" the
@@ -41,6 +41,8 @@ PRESETS = {
                             hidden_dim=458, layers=4),
     "transformer-cpu": dict(CPU_RUN, arch="transformer", embed_dim=128, heads=4, layers=4),
     "lstm-cpu": dict(CPU_RUN, arch="lstm", embed_dim=128, hidden_dim=238, layers=2),  # char-rnn's 2 layers
+    "mamba-cpu": dict(BEST_VECTOR, **CPU_RUN, mixer="mamba", embed_dim=128, context_dim=128, state_dim=16,
+                      hidden_dim=500, layers=4),
     # GPU size
     "best-newllm": dict(BEST_VECTOR, **GPU_RUN, embed_dim=384, context_dim=384, hidden_dim=1554, layers=6),
     "best-matrix": dict(BEST_MATRIX, **GPU_RUN, embed_dim=384, context_dim=384, context_heads=6,

@@ -11,7 +11,7 @@ Glossary (sizes in brackets after an equation are the vector's length)
     L layers (blocks, one memory each)   C context_dim        K short_conv (kernel width)
     nh context_heads (matrix mixer)      dv = C / nh value width per head
     dk key_dim (matrix mixer: key and query width per head; dv when not given, a square matrix)
-    w local_window (the hybrid only)
+    w local_window (the hybrid only)     N state_dim (mamba mixer: state numbers per channel)
 
 What changes from newllm.py. The report's model reads c_{t-1} through its whole FNN, so
 training must visit the positions one by one. Here every gate and value is computed from
@@ -44,6 +44,7 @@ The memory, chosen by --mixer:
           replaces the entry for k_t and leaves the directions orthogonal to k_t untouched, so it
           can look a fact up (results/recall.md). Still fixed in size: nh * dv * dk numbers per
           block; --key-dim gives the keys more room than the values.
+  mamba   Mamba's selective state space: N numbers per channel, decays chosen by the input (mamba.py)
   --local-window w  the hybrid (the report's fix 3): each block also attends to its last w
           positions (sliding-window attention); its state is bounded by w, not by T.
 """
@@ -237,7 +238,11 @@ class ContextBlock(nn.Module):
         super().__init__()
         self.ln_mix = nn.LayerNorm(config.embed_dim)
         self.conv = ShortConv(config.embed_dim, config.short_conv) if config.short_conv > 0 else None
-        self.mixer = VectorMixer(config) if config.mixer == "vector" else MatrixMixer(config)
+        if config.mixer == "mamba":
+            from mamba import MambaMixer  # here, not at the top: mamba.py builds on this file's Mixer
+            self.mixer = MambaMixer(config)
+        else:
+            self.mixer = VectorMixer(config) if config.mixer == "vector" else MatrixMixer(config)
         self.local = LocalAttention(config) if config.local_window > 0 else None
         self.ln_mlp = nn.LayerNorm(config.embed_dim)
         self.mlp = MLP(config)
@@ -282,6 +287,7 @@ class StackConfig:
     mixer: str = "vector"               # "vector": a context vector; "matrix": delta-rule context matrices
     context_heads: int = 1              # nh: matrix mixer: heads, each a dv x dk matrix, dv = C/nh
     key_dim: Optional[int] = None       # dk: matrix mixer: key and query width per head; dv when not given
+    state_dim: int = 16                 # N: mamba mixer: numbers of state per channel
     gate: bool = True                   # keep gate a_t (vector) / alpha_t (matrix); off: plain writes
     context_norm: bool = True           # LayerNorm on what the memory returns, before the read gate
     short_conv: int = 4                 # K: causal depthwise conv width before the mixer (0 = off)

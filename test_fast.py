@@ -78,7 +78,7 @@ def test_report_loop_with_dropout_equals_autograd():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("name", ["seed", "seed+norm+gate", "stack+norm+timescales+conv", "matrix", "hybrid",
-                                  "transformer", "lstm"])
+                                  "transformer", "lstm", "mamba"])
 def test_every_architecture_trains_in_half_precision(name, dtype):
     """A model cast to bfloat16 or float16 runs forward and backward, the engine included (the report's loop sums
     in float32 and hands gradients back in the model's dtype), with a finite loss close to float32's."""

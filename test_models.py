@@ -44,6 +44,7 @@ VARIANTS = {
     "transformer post-norm": ("transformer", dict(vocab_size=V, block_size=T, embed_dim=16, heads=2, layers=2,
                                                   dropout=0.0, post_norm=True)),
     "lstm": ("lstm", dict(vocab_size=V, block_size=T, embed_dim=16, hidden_dim=32, layers=2, dropout=0.0)),
+    "mamba": ("stack", dict(STACK, mixer="mamba", state_dim=4, short_conv=3, context_norm=True)),
 }
 
 
@@ -159,13 +160,33 @@ def test_seed_gate_is_the_reports_equation():
             assert torch.allclose(cell.update(context, h), expected, atol=1e-6)
 
 
+def test_mamba_parallel_form_equals_its_definition(monkeypatch):
+    """The Mamba mixer trained through chunked_scan gives the loop's values and gradients (float64), over 5
+    chunks, with step sizes large enough that some decays sit at the floor; and its state is C * N numbers per
+    block (with the short convolution's last K - 1 inputs), whatever the length."""
+    import mamba
+    model = tiny("mamba", block_size=77).double()
+    mixer = model.blocks[0].mixer
+    with torch.no_grad():  # Delta ~ 3, A = -20 .. -80: exp(Delta A) far below MIN_KEEP, e^-6000 over a chunk
+        mixer.A_log.add_(3.0)
+        mixer.to_inputs.bias[2 * 12 : 3 * 12] = 3.0
+    idx = torch.randint(V, (2, 77))
+    parallel = loss_and_gradients(model, model, idx)
+    monkeypatch.setattr(mamba, "chunked_scan", sequential_scan)
+    assert_same_loss_and_gradients(loss_and_gradients(model, model, idx), parallel)
+    state = model.init_state(1, "cpu")
+    for t in range(30):
+        _, state = model.step(torch.tensor([t % V]), state)
+    assert state_size(state) == 2 * (12 * 4 + 2 * 16)
+
+
 def test_timescale_floors_span_fast_to_slow():
     floors = gate_floors(64, timescales=True, longest=256)
     assert floors[0] == pytest.approx(MIN_KEEP) and floors[-1] > 0.99 and bool((floors.diff() >= 0).all())
     assert torch.equal(gate_floors(8, timescales=False, longest=256), torch.full((8,), MIN_KEEP))
 
 
-@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "matrix", "transformer", "lstm"])
+@pytest.mark.parametrize("name", ["seed", "stack+norm+timescales+conv", "matrix", "transformer", "lstm", "mamba"])
 def test_overfits_a_tiny_batch(name):
     """A model that cannot memorise 2 sequences cannot learn anything."""
     model = tiny(name).train()
@@ -179,7 +200,7 @@ def test_overfits_a_tiny_batch(name):
     assert loss.item() < 0.1
 
 
-@pytest.mark.parametrize("name", ["seed", "hybrid", "matrix", "transformer", "lstm"])
+@pytest.mark.parametrize("name", ["seed", "hybrid", "matrix", "transformer", "lstm", "mamba"])
 def test_checkpoint_round_trip(name, tmp_path):
     model = tiny(name)
     path = tmp_path / "ckpt.pt"
@@ -268,6 +289,20 @@ def test_lstm_cpu_matches_the_transformer_cpu_within_1_percent():
     E, H = 128, 238
     assert counts["lstm-cpu"] == 65 * E + 4 * H * (E + H) + 8 * H + 4 * H * (H + H) + 8 * H + H * 65 + 65
     assert abs(counts["lstm-cpu"] / counts["transformer-cpu"] - 1) < 0.01
+
+
+def test_mamba_cpu_matches_the_transformer_cpu_within_1_percent():
+    """Counted by hand from mamba.py's equations: one input projection to r, x, Delta (C each), B, C (N each), A_log
+    (C x N), D (C), the answer's LayerNorm and W_o; and mamba-cpu within 1% of transformer-cpu's count."""
+    from presets import model_settings
+    models = {}
+    for preset in ("mamba-cpu", "transformer-cpu"):
+        config = model_settings(preset)
+        models[preset] = build_model(config.pop("arch"), vocab_size=65, **config)
+    E, C, N = 128, 128, 16
+    mixer = models["mamba-cpu"].blocks[0].mixer
+    assert count_params(mixer) == (E + 1) * (3 * C + 2 * N) + C * N + C + 2 * C + (C + 1) * E
+    assert abs(count_params(models["mamba-cpu"]) / count_params(models["transformer-cpu"]) - 1) < 0.01
 
 
 def test_seed_report_parameter_counts():

@@ -145,6 +145,9 @@ def test_bad_corpus_files(tmp_path, content, fragment):
     (["--beta2", "1.5"], "--beta2 must be in [0, 1)"),
     (["--weight-decay", "-1"], "--weight-decay must be 0 or more"),
     (["--seed", str(2**70)], "--seed must be in"),
+    (["--max-iters", "10", "--eval-interval", "5", "--snapshots", "7"], "in multiples of 5"),
+    (["--max-iters", "10", "--eval-interval", "5", "--snapshots", "15"], "steps up to 10"),
+    (["--arch", "stack", "--state-dim", "0"], "--state-dim must be positive"),
 ])
 def test_bad_flags(corpus, tmp_path, flags, fragment):
     assert_one_line_error(run("train.py", "--data", corpus, "--out-dir", tmp_path / "run", *flags), fragment)
@@ -355,6 +358,18 @@ def test_stop_and_resume_equals_an_uninterrupted_run(corpus, tmp_path):
     assert result.returncode == 0 and uninterrupted.wait() == 0, result.stderr
     for a, b in zip(read_log(whole), read_log(parted), strict=True):  # bit for bit
         assert (a["step"], a["val_loss"], a["train_loss"]) == (b["step"], b["val_loss"], b["train_loss"])
+
+
+def test_snapshots_keep_the_model_as_it_was_at_those_steps(corpus, tmp_path):
+    """--snapshots 2,4: step-2.pt and step-4.pt hold the weights of those evaluations (step 4's is last.pt's)."""
+    out = tmp_path / "run"
+    result = run("train.py", "--data", corpus, "--out-dir", out, *TINY, "--max-iters", "6", "--eval-interval", "2",
+                 "--snapshots", "2,4")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.glob("step-*.pt")) == ["step-2.pt", "step-4.pt"]
+    early, middle, last = (load_checkpoint(out / name) for name in ("step-2.pt", "step-4.pt", "last.pt"))
+    assert (early["step"], middle["step"], last["step"]) == (2, 4, 6)
+    assert not torch.equal(early["model"]["head.weight"], middle["model"]["head.weight"])
 
 
 def test_resuming_reads_the_checkpoint_on_the_cpu_whatever_the_device(trained_run, tmp_path):

@@ -191,7 +191,7 @@ def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, aut
     if not proc.master:
         return None
     log_line(Path(args.out_dir) / "log.jsonl", run, args.batch_size * args.block_size * proc.world_size, lr, metrics)
-    names = ["last.pt"]
+    names = ["last.pt"] + ([f"step-{run.step}.pt"] if run.step in args.snapshots else [])
     if metrics["val_loss"] < run.best_val_loss:
         run.best_val_loss = metrics["val_loss"]
         names.insert(0, "ckpt.pt")  # the best model first: a crash between the two leaves last.pt older, never newer
@@ -249,7 +249,10 @@ def schedule(args, dataset, world_size):
                         ("--log-interval", args.log_interval)):
         if value <= 0:
             raise UserError(f"{name} must be positive (got {value})")
-    return max_iters, args.eval_interval or per_epoch
+    eval_interval = args.eval_interval or per_epoch
+    if any(step % eval_interval or not 0 < step <= max_iters for step in args.snapshots):
+        raise UserError(f"--snapshots are kept at evaluations: steps up to {max_iters} in multiples of {eval_interval}")
+    return max_iters, eval_interval
 
 
 # -----------------------------------------------------------------------------
@@ -280,7 +283,9 @@ def build_parser():
     g.add_argument("--layers", type=int, help="FNN depth (newllm), blocks (stack, transformer)")
     g.add_argument("--heads", type=int, help="attention heads (transformer, the stack's hybrid window)")
     g.add_argument("--dropout", type=float, help="dropout probability")
-    g.add_argument("--mixer", choices=["vector", "matrix"], help="stack: a context vector, or delta-rule context matrices")
+    g.add_argument("--mixer", choices=["vector", "matrix", "mamba"],
+                   help="stack: a context vector, delta-rule context matrices, or Mamba's state space")
+    g.add_argument("--state-dim", type=int, help="stack, mamba mixer: N, state numbers per channel")
     g.add_argument("--context-heads", type=int, help="stack, matrix mixer: heads, each a (C/heads) x key-dim matrix")
     g.add_argument("--key-dim", type=int, help="stack, matrix mixer: key and query width per head (default C/heads)")
     g.add_argument("--context-norm", action=bool_flag,
@@ -307,6 +312,7 @@ def build_parser():
     g.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (0 = once per epoch)")
     g.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation (the same batches every time)")
     g.add_argument("--log-interval", type=int, default=10, help="read the loss on the host every N steps")
+    g.add_argument("--snapshots", type=int_list, default=[], help="also keep the model at these steps (step-N.pt)")
     g.add_argument("--seed", type=int, default=1337, help="seed for initialisation, batches and dropout")
 
     g = p.add_argument_group("system and output")
