@@ -17,6 +17,8 @@ only has to be long enough for the longest context measured):
                 through the chunked scan (scan.py)
   matrix-stack  the context-matrix stack (--preset best-matrix-cpu), trained through
                 the chunked delta rule (delta_rule.py)
+  mamba-stack   the stack with Mamba's state space as its memory (--preset mamba-cpu)
+  lstm          the LSTM (--preset lstm-cpu), PyTorch's fused nn.LSTM
   newllm-seed   the seed report's model at the same size, a loop over positions
 And the first command's model (`python train.py --arch newllm --context-dim 256`: the
 report's model at train.py's defaults) timed three ways: as trained (fast.py's loop with its
@@ -54,6 +56,8 @@ MODELS = {
     "transformer": model_settings("transformer-cpu", dropout=0.0),
     "newllm-stack": model_settings("best-newllm-cpu", dropout=0.0),
     "matrix-stack": model_settings("best-matrix-cpu", dropout=0.0),
+    "mamba-stack": model_settings("mamba-cpu", dropout=0.0),
+    "lstm": model_settings("lstm-cpu", dropout=0.0),
     "newllm-seed": dict(arch="newllm", embed_dim=128, context_dim=128, hidden_dim=307, layers=8, pos_embed=False,
                         dropout=0.0),
 }
@@ -395,7 +399,7 @@ def measure_generation(results, contexts, steps, device, rounds):
     gpu = device.type == "cuda"
     print(f"\ngeneration: ms per token | state size (MiB) | {'GPU peak' if gpu else 'process'} memory (MiB)")
     print(f"{'model':<22}" + "".join(f"{n:>24}" for n in contexts))
-    names = ("transformer", "newllm-stack", "matrix-stack")
+    names = ("transformer", *(name for _, name in COMPARED))
     models = {name: make(name, max(contexts) + steps + 8, device)[0] for name in names}
     turns = [{n: {name: generation(model, n, steps, device) for name, model in in_turn(models, r)} for n in contexts}
              for r in range(rounds)]  # at each context the models take turns, as in training
@@ -410,6 +414,7 @@ def measure_generation(results, contexts, steps, device, rounds):
 
 
 TRAINING_TARGETS = {"stack": (1.15, 2.5), "matrix": (0.8, 1.5)}  # x the Transformer's tokens/s at 256, 2048
+COMPARED = (("stack", "newllm-stack"), ("matrix", "matrix-stack"), ("mamba", "mamba-stack"), ("lstm", "lstm"))
 
 
 def training_ratios(train_rounds, suffix=""):
@@ -417,7 +422,7 @@ def training_ratios(train_rounds, suffix=""):
     suffix picks the entries measured one way (compiled_training times each model eager and compiled)."""
     t = train_rounds["transformer" + suffix]
     return {f"{short}_vs_transformer_train_{n}": paired_ratio(train_rounds[name + suffix][n], t[n])
-            for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack")) for n in (256, 2048)}
+            for short, name in COMPARED if name + suffix in train_rounds for n in (256, 2048)}
 
 
 def training_targets(ratios):
@@ -439,10 +444,9 @@ def ratios_and_targets(results):
     ratios = {
         **training_ratios(results["train_rounds"]),
         **{f"{short}_{what}_growth_1k_to_16k": growth[name][what] for short, name in
-           (("stack", "newllm-stack"), ("matrix", "matrix-stack"), ("transformer", "transformer"))
-           for what in ("state", "latency")},
+           (*COMPARED, ("transformer", "transformer")) for what in ("state", "latency")},
         **{f"{short}_vs_transformer_generate_16k": paired_ratio(generated["transformer"][16384], generated[name][16384])
-           for short, name in (("stack", "newllm-stack"), ("matrix", "matrix-stack"))},
+           for short, name in COMPARED},
         "first_command_vs_literal_loop": against_literal_loop("as trained"),
         "first_command_products_only_vs_literal_loop": against_literal_loop("products only"),  # the ceiling
         "seed_vs_stack_train_128": paired_ratio(results["train_rounds"]["newllm-seed"][128], s[128]),

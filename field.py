@@ -74,16 +74,17 @@ def write_nanogpt_page(summaries, target, device, started):
                     f"{target:,} within 1%. Seeds {SEEDS[0]} and {SEEDS[1]}; loss in nats per character, the "
                     f"best of 9 evaluations on 100 fixed validation batches.",
                     command="python experiments.py nanogpt-cpu"),
-             "| model | params | best val loss (mean ± half-range) | per seed | vs Transformer | train tokens/s "
-             "| wall time |", "|---|---|---|---|---|---|---|"]
+             "| model | params | best val loss (mean ± half-range) | per seed | vs Transformer | wall time |",
+             "|---|---|---|---|---|---|"]
     for group, runs in by_group.items():
         losses = [s["best_val_loss"] for s in runs]
         mean, spread = mean_spread(losses)
         gap = f"{100 * (mean - reference) / reference:+.1f}%" if reference and group != "Transformer" else "—"
         lines.append(f"| {group} | {runs[0]['params']:,} | {mean:.4f} ± {spread:.4f} | "
                      f"{', '.join(f'{x:.4f}' for x in losses)} | {gap} | "
-                     f"{sum(s['tokens_per_s'] for s in runs) / len(runs):,.0f} | "
                      f"{sum(s['wall_s'] for s in runs) / len(runs) / 60:.1f} min |")
+    lines.append("\nWall time is the mean over seeds, on a machine that was not kept quiet: a rough guide only "
+                 "(docs/speed.md has the speeds measured for that purpose).")
     if transformer:
         mean, spread = mean_spread(transformer)
         lines.append(f"\nnanoGPT's README gives {NANOGPT_PUBLISHED} for this recipe; this lab's Transformer reaches "

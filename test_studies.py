@@ -164,7 +164,7 @@ def test_a_sweep_records_a_diverged_run_and_goes_on(corpus, tmp_path, monkeypatc
 def test_bench_states_are_the_real_ones_and_only_the_cache_grows():
     import bench
     cpu = torch.device("cpu")
-    for name in ("transformer", "newllm-stack", "matrix-stack"):
+    for name in ("transformer", "newllm-stack", "matrix-stack", "mamba-stack", "lstm"):
         model, _ = bench.make(name, 300, cpu)
         state, token = model.init_state(1, cpu), torch.zeros(1, dtype=torch.long)
         with torch.no_grad():
@@ -249,3 +249,23 @@ def test_gpu_check_dry_run_runs_every_step_and_writes_its_summary(tmp_path):
     assert real[:4] == ["tests", "bench", "compiled", "engine"] and len(real) == 4 + 3 * 2
     if not torch.cuda.is_available():
         assert_one_line_error(run("gpu_check.py", "--out", tmp_path / "real"), "no CUDA GPU")
+
+
+@pytest.mark.parametrize("name", ["mamba", "transformer"])
+def test_reading_cut_to_w_characters_is_the_model_reading_only_those(name):
+    """context.py's windows, against the literal reading: the loss at position p with the reading cut to w is the
+    model's loss on the text from p's window start (a multiple of w/2, between w/2 and w back; 0 in the first window)
+    to p alone; with no cut, on everything from the start. The Transformer's cut stays within its table (24)."""
+    import context
+    from test_models import V, tiny
+    model = tiny(name).double()
+    tokens = torch.randint(V, (2, 41))
+    cuts = [8, 16] if name == "transformer" else [4, 8, None]
+    for cut in cuts:
+        got = context.position_losses(model, tokens, cut)
+        assert got.shape == (2, 40)
+        for p in range(40):
+            start = 0 if cut is None or p < cut else (p - cut // 2) // (cut // 2) * (cut // 2)
+            logits, _ = model(tokens[:, start : p + 1])
+            expected = torch.nn.functional.cross_entropy(logits[:, -1], tokens[:, p + 1], reduction="none")
+            assert torch.allclose(got[:, p], expected, atol=1e-10), (cut, p)

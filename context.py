@@ -1,0 +1,229 @@
+"""
+How far back does each model read? Run through experiments.py:
+
+    python experiments.py context
+
+Each model is scored on validation text with its reading cut to the last w characters
+(w = 8, 16, ..., 1,024: windows of w characters every w/2, each scoring its last w/2 positions,
+so every scored position reads between w/2 and w characters), and with no cut (the whole
+2,048-character segment from its start). Positions 1,024 to 2,047 of 32 segments are scored,
+well past every training length here. The curve is the loss above reading everything, against w;
+a model's **memory horizon** is the smallest w from which on it stays within 0.002 nats of no cut.
+The Transformer cannot read past its position table: its curve ends there, and its "no cut" is
+the window of its table.
+
+A second probe asks whether the far past can matter at all: a 200-character validation passage,
+the d characters that follow it in the text, then the same passage again (d = 64 ... 4,096). A
+model that keeps the passage reads the second copy at a lower loss than the first.
+
+The models: every model of the nanogpt-cpu study (1.5M tokens at block 64, two seeds), and the
+CPU presets trained 1,500 steps at block 128 (6.1M tokens) with snapshots near 1.2M and 4.9M
+tokens, the horizon along training; then the levers meant to make a fixed state carry more.
+Runs the studies have trained are reused; an evaluation is kept beside its checkpoint.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import field
+from data import load_dataset
+from delta_rule import at_least_float32
+from experiments import RESULTS, Row, header, kept_rows, run_rows, write_results
+from models import model_from_checkpoint
+from run_folder import load_checkpoint, read_json
+
+CUTS = [8, 16, 32, 64, 128, 256, 512, 1024]
+SEGMENT, SCORED_FROM = 2048, 1024  # positions SCORED_FROM .. SEGMENT - 1 of each segment are scored
+SEGMENTS = 32  # of the 54 in Tiny Shakespeare's validation text: enough for a spread of ~0.001 nats
+HORIZON_TOLERANCE = 0.002  # nats: within this of no cut, the model has read all it uses
+PASSAGE, GAPS, PASSAGES = 200, [64, 256, 1024, 4096], 32
+TOKENS_PER_FORWARD = 16384  # evaluation batches stay this size (Mamba's state is 16 numbers per channel)
+SNAPSHOTS = [300, 1200]  # of the presets' 1,500 steps of 4,096 tokens: 1.2M, 4.9M (and 6.1M at the end)
+
+PRESET_ROWS = {"vector stack": "best-newllm-cpu", "context matrix": "best-matrix-cpu", "Transformer": "transformer-cpu",
+               "LSTM": "lstm-cpu", "Mamba": "mamba-cpu"}
+# the levers, on the best vector stack and the context matrix, at the presets' 6.1M tokens
+LEVERS = [Row("vector stack, block 512", ["--preset", "best-newllm-cpu", "--block-size", "512", "--batch-size", "8"],
+              "4x longer training windows, the same tokens per step", extra={"model": "vector stack"}),
+          Row("vector stack, timescales", ["--preset", "best-newllm-cpu", "--timescales"],
+              "per-channel floors on the keep gate, half-lives up to the block length", extra={"model": "vector stack"}),
+          Row("context matrix, no gate", ["--preset", "best-matrix-cpu", "--no-gate"],
+              "the delta rule without its keep gate: nothing decays unless overwritten",
+              extra={"model": "context matrix"}),
+          Row("context matrix, block 512", ["--preset", "best-matrix-cpu", "--block-size", "512", "--batch-size", "8"],
+              "4x longer training windows, the same tokens per step", extra={"model": "context matrix"})]
+
+
+# -----------------------------------------------------------------------------
+# scoring with the reading cut
+
+
+@torch.no_grad()
+def position_losses(model, tokens, cut=None):
+    """tokens (S, L + 1) -> (S, L): the loss of predicting tokens[:, p + 1] at each position p, reading at most
+    the last `cut` characters (between cut/2 and cut of them: windows of `cut` every cut/2, each scoring its second
+    half, the first window all of it); cut=None: everything from the start of the row."""
+    S, L = tokens.size(0), tokens.size(1) - 1
+    if cut is None:
+        return _losses(model, tokens[:, :-1], tokens[:, 1:])
+    half = cut // 2
+    pad = (-L) % half + max(0, cut - L - (-L) % half)  # to a whole number of half-windows, at least one window
+    x, y = (F.pad(t, (0, pad)) for t in (tokens[:, :-1], tokens[:, 1:]))
+    windows = lambda t: t.unfold(1, cut, half).flatten(0, 1)  # noqa: E731  (S * n, cut)
+    losses = _losses(model, windows(x), windows(y)).unflatten(0, (S, -1))  # (S, n, cut)
+    return torch.cat([losses[:, 0, :half], losses[:, :, half:].flatten(1)], dim=1)[:, :L]
+
+
+def _losses(model, x, y):
+    rows = max(1, TOKENS_PER_FORWARD // x.size(1))
+    out = []
+    for i in range(0, x.size(0), rows):
+        logits, _ = model(x[i : i + rows])
+        out.append(F.cross_entropy(at_least_float32(logits).transpose(1, 2), y[i : i + rows], reduction="none"))
+    return torch.cat(out)
+
+
+def context_curve(model, val):
+    """Loss above no cut at each w (mean, and twice its standard error over segments), the loss at no cut, and
+    the memory horizon."""
+    segments = val[: SEGMENTS * (SEGMENT + 1)].view(-1, SEGMENT + 1)
+    longest = model.max_len  # the Transformer's table; None: no limit
+    reference = position_losses(model, segments, longest)[:, SCORED_FROM:].mean(1)  # (S,)
+    curve = {}
+    for cut in (c for c in CUTS if longest is None or c < longest):
+        excess = position_losses(model, segments, cut)[:, SCORED_FROM:].mean(1) - reference
+        curve[cut] = (excess.mean().item(), 2 * excess.std().item() / math.sqrt(len(excess)))
+    within = [cut for cut in curve if all(curve[c][0] <= HORIZON_TOLERANCE for c in curve if c >= cut)]
+    horizon = min(within) if within else None
+    return {"curve": curve, "loss": reference.mean().item(), "horizon": horizon or longest or SEGMENT,
+            "reads_all": horizon is None, "segments": len(segments), "table": longest}
+
+
+def repeat_probe(model, val):
+    """Loss on a 200-character passage read again after the d characters that follow it, against its first
+    reading, at each d (the Transformer through a window of its table)."""
+    out = {}
+    for d in GAPS:
+        starts = torch.linspace(0, len(val) - PASSAGE - d - 2, PASSAGES).long()
+        rows = torch.stack([torch.cat([val[s : s + PASSAGE + d], val[s : s + PASSAGE]]) for s in starts])
+        losses = position_losses(model, rows, model.max_len)  # (P, PASSAGE + d + PASSAGE - 1)
+        first, second = losses[:, : PASSAGE - 1].mean().item(), losses[:, PASSAGE + d :].mean().item()
+        out[d] = {"first": first, "second": second, "drop": 1 - second / first}
+    return out
+
+
+def evaluate(checkpoint_path, val):
+    """The curve and the probe of one checkpoint, kept beside it (context-<name>.json) once computed."""
+    kept = checkpoint_path.with_name(f"context-{checkpoint_path.stem}.json")
+    if kept.exists():
+        return read_json(kept)
+    checkpoint = load_checkpoint(checkpoint_path)
+    model = model_from_checkpoint(checkpoint).eval()
+    result = {**context_curve(model, val), "probe": repeat_probe(model, val), "step": checkpoint["step"]}
+    kept.write_text(json.dumps(result, indent=2))
+    return read_json(kept)  # as it reads back: numbers keyed by strings
+
+
+# -----------------------------------------------------------------------------
+# the study
+
+
+def study_context(args, device):
+    dataset = load_dataset("shakespeare", "char", block_size=64)
+    val = torch.as_tensor(dataset.splits["val"])
+    nanogpt, _ = field.nanogpt_rows(dataset.tokenizer.vocab_size)
+    presets = [Row(name, ["--preset", preset, "--snapshots", ",".join(map(str, SNAPSHOTS))], extra={"model": name})
+               for name, preset in PRESET_ROWS.items()]
+    kept, started = kept_rows("context")
+    evaluated = []
+
+    def score(summary, recipe, checkpoints):
+        for name, label in checkpoints:
+            path = Path(summary["out_dir"]) / name
+            if path.exists():
+                result = evaluate(path, val)
+                evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe,
+                                      checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
+
+    def write(_=None):
+        write_context_page(evaluated, device, started)
+
+    bar = tqdm(desc="context: scoring", unit="checkpoint", dynamic_ncols=True)
+    for summary in run_rows("nanogpt-cpu", "quick", nanogpt, [*field.NANOGPT_RECIPE, "--device", args.device]):
+        score(summary, "nanoGPT recipe, block 64", [("ckpt.pt", "best")])
+        bar.update()
+    write()
+    steps = [(f"step-{s}.pt", f"step {s}") for s in SNAPSHOTS] + [("ckpt.pt", "best")]
+    for row in presets[:3] + LEVERS + presets[3:]:  # one by one, each scored and written as it lands
+        summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
+        score(summary, "CPU preset, block 128" if row in presets else "lever", steps if row in presets else steps[-1:])
+        bar.update()
+        write()
+
+
+def write_context_page(evaluated, device, started):
+    finals = [e for e in evaluated if e["checkpoint"] == "best"]
+    lines = ["# How far back does each model read?\n",
+             header("context", "quick", device, "shakespeare", started,
+                    f"Tiny Shakespeare's validation text in {evaluated[0]['segments']} segments of {SEGMENT:,} "
+                    f"characters, positions {SCORED_FROM:,} to {SEGMENT - 1:,} scored. Loss in nats per character.",
+                    command="python experiments.py context"),
+             "## The context-use curve\n",
+             "Loss above reading everything when the model reads only the last w characters (mean over segments; "
+             "± twice its standard error, ± 0.001 or less unless shown). Memory horizon: the smallest w from which "
+             f"on the loss stays within {HORIZON_TOLERANCE} nats of no cut (the Transformer: of its table).\n",
+             "| model | recipe | checkpoint | tokens | loss, no cut | " + " | ".join(f"w={c}" for c in CUTS)
+             + " | horizon |", "|" + "---|" * (len(CUTS) + 6)]
+    for e in evaluated:
+        cells = []
+        for cut in CUTS:
+            mean, spread = e["curve"].get(str(cut), (None, None))
+            cells.append("—" if mean is None else f"{mean:+.4f}" + (f" ± {spread:.3f}" if spread > 0.001 else ""))
+        horizon = f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "") \
+            + (" (all)" if e["reads_all"] and not e["table"] else "")
+        lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {e['tokens'] / 1e6:.1f}M | "
+                     f"{e['loss']:.4f} | " + " | ".join(cells) + f" | {horizon} |")
+    lines += ["\n## The repeated passage\n",
+              f"A {PASSAGE}-character validation passage, the d characters that follow it, then the passage again "
+              f"({PASSAGES} passages): the loss on the second copy against the first (best checkpoints; the "
+              "Transformer reads through a window of its table).\n",
+              "| model | recipe | " + " | ".join(f"d={d:,}" for d in GAPS) + " |", "|" + "---|" * (len(GAPS) + 2)]
+    for e in finals:
+        lines.append(f"| {e['name']} | {e['recipe']} | " + " | ".join(
+            f"{p['first']:.3f} → {p['second']:.3f} ({-100 * p['drop']:+.0f}%)" for p in e["probe"].values()) + " |")
+    figure = RESULTS / "context.png"
+    plot_curves(finals, figure)
+    lines.append("\n![context-use curves](context.png)\n")
+    write_results("context", "\n".join(lines) + "\n", {"started": started, "evaluated": evaluated}, [figure])
+
+
+def plot_curves(finals, figure):
+    recipes = sorted({e["recipe"] for e in finals}, key=lambda r: r != "nanoGPT recipe, block 64")
+    fig, axes = plt.subplots(1, len(recipes), figsize=(6.5 * len(recipes), 4.8), sharey=True, squeeze=False)
+    for ax, recipe in zip(axes[0], recipes):
+        for e in (e for e in finals if e["recipe"] == recipe):
+            cuts = [int(c) for c in e["curve"]]
+            ax.plot(cuts, [e["curve"][str(c)][0] for c in cuts], marker="o", label=f"{e['name']} ({e['loss']:.3f})")
+        ax.axhline(HORIZON_TOLERANCE, color="grey", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("symlog", linthresh=1e-3)
+        ax.set_xlabel("characters read (w)")
+        ax.set_title(recipe)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("loss above reading everything (nats)")
+    fig.suptitle("How far back each model reads (the Transformer's curve ends at its table)")
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
