@@ -5,7 +5,7 @@ How far back does each model read? Run through experiments.py:
 
 Each model is scored on validation text with its reading cut to the last w characters
 (w = 8, 16, ..., 1,024: windows of w characters every w/2, each scoring its last w/2 positions,
-so every scored position reads between w/2 and w characters), and with no cut (the whole
+so every scored position reads w/2 + 1 to w characters), and with no cut (the whole
 2,048-character segment from its start). Positions 1,024 to 2,047 of 32 segments are scored,
 well past every training length here. The curve is the loss above reading everything, against w;
 a model's **memory horizon** is the smallest w from which on it stays within 0.002 nats of no cut.
@@ -13,8 +13,9 @@ The Transformer cannot read past its position table: its curve ends there, and i
 the window of its table.
 
 A second probe asks whether the far past can matter at all: a 200-character validation passage,
-the d characters that follow it in the text, then the same passage again (d = 64 ... 4,096). A
-model that keeps the passage reads the second copy at a lower loss than the first.
+the d characters that follow it in the text, then the same passage again (d = 64 ... 4,096),
+against a control with an unrelated passage first. A model that keeps the passage reads the
+repeat at a lower loss than the control.
 
 The models: every model of the nanogpt-cpu study (1.5M tokens at block 64, two seeds), and the
 CPU presets trained 1,500 steps at block 128 (6.1M tokens) with snapshots near 1.2M and 4.9M
@@ -38,7 +39,7 @@ from tqdm import tqdm
 import field
 from data import load_dataset
 from delta_rule import at_least_float32
-from experiments import RESULTS, Row, header, kept_rows, run_rows, write_results
+from experiments import RESULTS, Row, committed_results, header, kept_rows, run_rows, write_results
 from models import model_from_checkpoint
 from run_folder import load_checkpoint, read_json
 
@@ -71,13 +72,15 @@ LEVERS = [Row("vector stack, block 512", ["--preset", "best-newllm-cpu", "--bloc
 @torch.no_grad()
 def position_losses(model, tokens, cut=None):
     """tokens (S, L + 1) -> (S, L): the loss of predicting tokens[:, p + 1] at each position p, reading at most
-    the last `cut` characters (between cut/2 and cut of them: windows of `cut` every cut/2, each scoring its second
+    the last `cut` characters (cut/2 + 1 to cut of them: windows of `cut` every cut/2, each scoring its second
     half, the first window all of it); cut=None: everything from the start of the row."""
     S, L = tokens.size(0), tokens.size(1) - 1
     if cut is None:
         return _losses(model, tokens[:, :-1], tokens[:, 1:])
+    if cut % 2:
+        raise ValueError(f"the reading is cut to an even number of characters (got {cut})")
     half = cut // 2
-    pad = (-L) % half + max(0, cut - L - (-L) % half)  # to a whole number of half-windows, at least one window
+    pad = max(cut, -(-L // half) * half) - L  # to a whole number of half-windows, at least one window
     x, y = (F.pad(t, (0, pad)) for t in (tokens[:, :-1], tokens[:, 1:]))
     windows = lambda t: t.unfold(1, cut, half).flatten(0, 1)  # noqa: E731  (S * n, cut)
     losses = _losses(model, windows(x), windows(y)).unflatten(0, (S, -1))  # (S, n, cut)
@@ -110,26 +113,35 @@ def context_curve(model, val):
 
 
 def repeat_probe(model, val):
-    """Loss on a 200-character passage read again after the d characters that follow it, against its first
-    reading, at each d (the Transformer through a window of its table)."""
+    """At each d: the loss on a 200-character passage read after the d characters that follow it in the text,
+    when the passage itself came before them (repeat) and when an unrelated passage did (control). The same
+    characters at the same positions after the same d characters: only a model that kept the first copy reads
+    the repeat lower. The Transformer reads through a window of its table."""
+    starts = torch.linspace(0, len(val) - PASSAGE - max(GAPS) - 2, PASSAGES).long().tolist()  # the same for every d
+    unrelated = [(s + len(val) // 2) % (len(val) - PASSAGE) for s in starts]  # half the text away
     out = {}
     for d in GAPS:
-        starts = torch.linspace(0, len(val) - PASSAGE - d - 2, PASSAGES).long()
-        rows = torch.stack([torch.cat([val[s : s + PASSAGE + d], val[s : s + PASSAGE]]) for s in starts])
-        losses = position_losses(model, rows, model.max_len)  # (P, PASSAGE + d + PASSAGE - 1)
-        first, second = losses[:, : PASSAGE - 1].mean().item(), losses[:, PASSAGE + d :].mean().item()
-        out[d] = {"first": first, "second": second, "drop": 1 - second / first}
+        def last_passage_loss(firsts):
+            rows = torch.stack([torch.cat([val[f : f + PASSAGE], val[s + PASSAGE : s + PASSAGE + d], val[s : s + PASSAGE]])
+                                for s, f in zip(starts, firsts)])
+            return position_losses(model, rows, model.max_len)[:, PASSAGE + d :].mean().item()  # its characters 2..200
+        repeat, control = last_passage_loss(starts), last_passage_loss(unrelated)
+        out[d] = {"control": control, "repeat": repeat, "drop": 1 - repeat / control}
     return out
 
 
-def evaluate(checkpoint_path, val):
-    """The curve and the probe of one checkpoint, kept beside it (context-<name>.json) once computed."""
+def evaluate(checkpoint_path, val, device):
+    """The curve and the probe of one checkpoint, kept beside it (context-<name>.json) for as long as neither the
+    checkpoint nor this file's settings change."""
     kept = checkpoint_path.with_name(f"context-{checkpoint_path.stem}.json")
-    if kept.exists():
-        return read_json(kept)
+    stat = checkpoint_path.stat()
+    key = json.loads(json.dumps({"checkpoint": [stat.st_size, stat.st_mtime_ns],
+                                 "settings": [CUTS, SEGMENT, SCORED_FROM, SEGMENTS, PASSAGE, GAPS, PASSAGES]}))
+    if kept.exists() and (saved := read_json(kept)).get("key") == key:
+        return saved
     checkpoint = load_checkpoint(checkpoint_path)
-    model = model_from_checkpoint(checkpoint).eval()
-    result = {**context_curve(model, val), "probe": repeat_probe(model, val), "step": checkpoint["step"]}
+    model, val = model_from_checkpoint(checkpoint).to(device).eval(), val.to(device)
+    result = {**context_curve(model, val), "probe": repeat_probe(model, val), "step": checkpoint["step"], "key": key}
     kept.write_text(json.dumps(result, indent=2))
     return read_json(kept)  # as it reads back: numbers keyed by strings
 
@@ -145,33 +157,40 @@ def study_context(args, device):
     presets = [Row(name, ["--preset", preset, "--snapshots", ",".join(map(str, SNAPSHOTS))], extra={"model": name})
                for name, preset in PRESET_ROWS.items()]
     kept, started = kept_rows("context")
-    evaluated = []
+    scored_before = {(e["name"], e["checkpoint"]): e for e in committed_results("context").get("evaluated", [])}
+    evaluated, trained = [], []
 
     def score(summary, recipe, checkpoints):
+        """Each checkpoint's curve and probe; a run trained on another machine keeps its committed numbers."""
         for name, label in checkpoints:
             path = Path(summary["out_dir"]) / name
             if path.exists():
-                result = evaluate(path, val)
+                result = evaluate(path, val, device)
                 evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe,
                                       checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
+            elif (summary["name"], label) in scored_before:
+                evaluated.append(scored_before[summary["name"], label])
+            else:
+                tqdm.write(f"{path} is not on this machine and was never scored: left out")
 
-    def write(_=None):
-        write_context_page(evaluated, device, started)
+    def write():
+        if evaluated:
+            write_context_page(evaluated, trained, device, started)
 
-    bar = tqdm(desc="context: scoring", unit="checkpoint", dynamic_ncols=True)
-    for summary in run_rows("nanogpt-cpu", "quick", nanogpt, [*field.NANOGPT_RECIPE, "--device", args.device]):
+    nanogpt_kept, _ = kept_rows("nanogpt-cpu")
+    for summary in run_rows("nanogpt-cpu", "quick", nanogpt, [*field.NANOGPT_RECIPE, "--device", args.device],
+                            nanogpt_kept):
         score(summary, "nanoGPT recipe, block 64", [("ckpt.pt", "best")])
-        bar.update()
     write()
     steps = [(f"step-{s}.pt", f"step {s}") for s in SNAPSHOTS] + [("ckpt.pt", "best")]
     for row in presets[:3] + LEVERS + presets[3:]:  # one by one, each scored and written as it lands
         summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
+        trained.append(summary)
         score(summary, "CPU preset, block 128" if row in presets else "lever", steps if row in presets else steps[-1:])
-        bar.update()
         write()
 
 
-def write_context_page(evaluated, device, started):
+def write_context_page(evaluated, trained, device, started):
     finals = [e for e in evaluated if e["checkpoint"] == "best"]
     lines = ["# How far back does each model read?\n",
              header("context", "quick", device, "shakespeare", started,
@@ -189,22 +208,24 @@ def write_context_page(evaluated, device, started):
         for cut in CUTS:
             mean, spread = e["curve"].get(str(cut), (None, None))
             cells.append("—" if mean is None else f"{mean:+.4f}" + (f" ± {spread:.3f}" if spread > 0.001 else ""))
-        horizon = f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "") \
-            + (" (all)" if e["reads_all"] and not e["table"] else "")
+        horizon = f"> {CUTS[-1]:,}" if e["reads_all"] and not e["table"] else \
+            f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "")
         lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {e['tokens'] / 1e6:.1f}M | "
                      f"{e['loss']:.4f} | " + " | ".join(cells) + f" | {horizon} |")
     lines += ["\n## The repeated passage\n",
-              f"A {PASSAGE}-character validation passage, the d characters that follow it, then the passage again "
-              f"({PASSAGES} passages): the loss on the second copy against the first (best checkpoints; the "
-              "Transformer reads through a window of its table).\n",
+              f"A {PASSAGE}-character validation passage, the d characters that follow it in the text, then the "
+              f"passage again; as a control, an unrelated passage in place of the first copy ({PASSAGES} passages). "
+              "The loss on the last passage, control → repeat: a model that kept the first copy reads the repeat "
+              "lower (best checkpoints; the Transformer reads through a window of its table).\n",
               "| model | recipe | " + " | ".join(f"d={d:,}" for d in GAPS) + " |", "|" + "---|" * (len(GAPS) + 2)]
     for e in finals:
         lines.append(f"| {e['name']} | {e['recipe']} | " + " | ".join(
-            f"{p['first']:.3f} → {p['second']:.3f} ({-100 * p['drop']:+.0f}%)" for p in e["probe"].values()) + " |")
+            f"{p['control']:.3f} → {p['repeat']:.3f} ({-100 * p['drop']:+.1f}%)" for p in e["probe"].values()) + " |")
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
-    write_results("context", "\n".join(lines) + "\n", {"started": started, "evaluated": evaluated}, [figure])
+    write_results("context", "\n".join(lines) + "\n", {"started": started, "rows": trained, "evaluated": evaluated},
+                  [figure])
 
 
 def plot_curves(finals, figure):

@@ -17,9 +17,10 @@ Per channel i, a state h_t[i] of N numbers, written and read through the block's
     y_t = h_t C_t + D * x_t                            the memory's answer           (C)
 and the block reads y_t out through the stack's gate, W_o (norm(y_t) * silu(W_r u_t)).
 Delta_t is the selection: a large step forgets h and writes x_t in; a small one keeps h and
-lets the token pass by. With N = 1 and B_t = C_t = 1 it is the vector mixer's gated update.
+lets the token pass by. With N = 1, A = -1 and B_t = C_t = 1 it is close to the vector mixer's
+gate: the same keep a_t = sigmoid(-z), but the write is Delta_t = softplus(z) (not 1 - a_t), plus D x_t.
 
-Training: h_t is C * N copies of scan.py's c_t = a_t c_{t-1} + b_t side by side, with
+Training: h_t is C * N independent recurrences, scan.py's c_t = a_t c_{t-1} + b_t side by side, with
 a_t = exp(Delta_t A) and b_t = Delta_t x_t B_t, so chunked_scan computes every position at once.
 As with the vector mixer's gate, a_t has the floor MIN_KEEP that scan needs (scan.py):
 a_t = MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A). Mamba's own step may wipe a state number in one
@@ -47,6 +48,7 @@ class MambaMixer(Mixer):
         # in order: r_t (the read gate's input), x_t, Delta_t's logit (C each), B_t, C_t (N each)
         super().__init__(config, [C, C, C, N, N])
         self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1).float()).repeat(C, 1))  # A = -1 .. -N (S4D-real)
+        self.A_log.no_weight_decay = True  # decay rates, not weights: pulling them to 0 would make every A = -1
         self.D = nn.Parameter(torch.ones(C))
         low, high = STEP_RANGE
         step = torch.exp(torch.rand(C) * (math.log(high) - math.log(low)) + math.log(low))
@@ -54,7 +56,7 @@ class MambaMixer(Mixer):
             self.to_inputs.bias[2 * C : 3 * C] = step + torch.log(-torch.expm1(-step))
 
     def coefficients(self, u):
-        """u (..., E) -> log a_t and b_t (..., C, N), C_t (..., N), x_t (..., C), all float32; the read gate's input."""
+        """u (..., E) -> log a_t and b_t (..., C, N), C_t (..., N), x_t (..., C), at least float32; the read gate's input."""
         read, *rest = self.inputs(u)
         x, delta, B, C = map(at_least_float32, rest)  # the scan sums many terms: never in bfloat16
         delta = F.softplus(delta)  # (..., C)

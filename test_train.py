@@ -624,3 +624,15 @@ def test_mixed_precision_is_bfloat16_only_where_the_gpu_has_it(monkeypatch, caps
     assert capsys.readouterr().out == "note: Tesla V100 has no native bfloat16: training in float32\n"
     assert not isinstance(autocast_for(cuda, amp=False), torch.autocast)
     assert not isinstance(autocast_for(torch.device("cpu"), amp=True), torch.autocast)
+
+
+def test_weight_decay_pulls_on_weight_matrices_only():
+    """Biases, norms and Mamba's decay rates A_log (a matrix, but no weight) are in the group without decay."""
+    from test_models import tiny
+    model = tiny("mamba")
+    optimizer = train.configure_optimizer(model, train.parse_args(["--weight-decay", "0.1"]), torch.device("cpu"))
+    decayed, kept = ({id(p) for p in group["params"]} for group in optimizer.param_groups)
+    assert optimizer.param_groups[0]["weight_decay"] == 0.1 and optimizer.param_groups[1]["weight_decay"] == 0.0
+    mixer = model.blocks[0].mixer
+    assert id(mixer.A_log) in kept and id(mixer.D) in kept and id(mixer.to_inputs.bias) in kept
+    assert id(mixer.to_inputs.weight) in decayed and id(model.head.weight) in decayed

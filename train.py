@@ -99,9 +99,10 @@ def main(argv=None):
 
 
 def configure_optimizer(model, args, device):
-    """AdamW; weight decay on matrices only (biases and norms do not decay)."""
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW; weight decay on weight matrices only (biases, norms and those marked no_weight_decay do not decay)."""
+    decays = lambda p: p.dim() >= 2 and not getattr(p, "no_weight_decay", False)  # noqa: E731
+    matrices = [p for p in model.parameters() if decays(p)]
+    others = [p for p in model.parameters() if not decays(p)]
     return torch.optim.AdamW([{"params": matrices, "weight_decay": args.weight_decay},
                               {"params": others, "weight_decay": 0.0}],
                              lr=args.lr, betas=(0.9, args.beta2), fused=device.type == "cuda")
