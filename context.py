@@ -207,7 +207,8 @@ def write_context_page(evaluated, trained, device, started):
         cells = []
         for cut in CUTS:
             mean, spread = e["curve"].get(str(cut), (None, None))
-            cells.append("—" if mean is None else f"{mean:+.4f}" + (f" ± {spread:.3f}" if spread > 0.001 else ""))
+            cells.append("—" if mean is None else f"{round(mean, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
+                         + (f" ± {spread:.3f}" if spread > 0.001 else ""))
         horizon = f"> {CUTS[-1]:,}" if e["reads_all"] and not e["table"] else \
             f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "")
         lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {e['tokens'] / 1e6:.1f}M | "
@@ -220,7 +221,8 @@ def write_context_page(evaluated, trained, device, started):
               "| model | recipe | " + " | ".join(f"d={d:,}" for d in GAPS) + " |", "|" + "---|" * (len(GAPS) + 2)]
     for e in finals:
         lines.append(f"| {e['name']} | {e['recipe']} | " + " | ".join(
-            f"{p['control']:.3f} → {p['repeat']:.3f} ({-100 * p['drop']:+.1f}%)" for p in e["probe"].values()) + " |")
+            f"{p['control']:.4f} → {p['repeat']:.4f} ({round(-100 * p['drop'], 2) + 0.0:+.2f}%)"
+            for p in e["probe"].values()) + " |")
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
@@ -229,17 +231,28 @@ def write_context_page(evaluated, trained, device, started):
 
 
 def plot_curves(finals, figure):
-    recipes = sorted({e["recipe"] for e in finals}, key=lambda r: r != "nanoGPT recipe, block 64")
-    fig, axes = plt.subplots(1, len(recipes), figsize=(6.5 * len(recipes), 4.8), sharey=True, squeeze=False)
-    for ax, recipe in zip(axes[0], recipes):
-        for e in (e for e in finals if e["recipe"] == recipe):
+    """One panel for nanoGPT's recipe, one for the presets and the levers at 6.1M tokens; a colour per model,
+    second seeds dashed; the Transformer's curve ends at 0 at its table."""
+    panel = lambda e: e["recipe"] if e["recipe"].startswith("nanoGPT") else "CPU presets and levers, block 128"  # noqa
+    panels = sorted({panel(e) for e in finals}, key=lambda r: not r.startswith("nanoGPT"))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color_of = {}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True, squeeze=False)
+    for ax, name in zip(axes[0], panels):
+        for e in (e for e in finals if panel(e) == name):
             cuts = [int(c) for c in e["curve"]]
-            ax.plot(cuts, [e["curve"][str(c)][0] for c in cuts], marker="o", label=f"{e['name']} ({e['loss']:.3f})")
+            values = [e["curve"][str(c)][0] for c in cuts]
+            if e["table"]:
+                cuts, values = cuts + [e["table"]], values + [0.0]
+            color = color_of.setdefault(e["group"], colors[len(color_of) % len(colors)])
+            second = "(seed" in e["name"]
+            ax.plot(cuts, values, marker="o", color=color, linestyle="--" if second else "-", markersize=3 if second else 5,
+                    label=None if second else f"{e['name']} ({e['loss']:.3f})")
         ax.axhline(HORIZON_TOLERANCE, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("characters read (w)")
-        ax.set_title(recipe)
+        ax.set_title(name + ("; second seeds dashed" if name.startswith("nanoGPT") else ""))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     axes[0][0].set_ylabel("loss above reading everything (nats)")
