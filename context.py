@@ -131,18 +131,23 @@ def repeat_probe(model, val):
 
 
 def evaluate(checkpoint_path, val, device):
-    """The curve and the probe of one checkpoint, kept beside it (context-<name>.json) for as long as neither the
-    checkpoint nor this file's settings change."""
-    kept = checkpoint_path.with_name(f"context-{checkpoint_path.stem}.json")
+    """The curve and the probe of one checkpoint (context-<name>.json beside it)."""
+    return kept_beside(checkpoint_path, "context", [CUTS, SEGMENT, SCORED_FROM, SEGMENTS, PASSAGE, GAPS, PASSAGES],
+                       lambda model: {**context_curve(model, val.to(device)), "probe": repeat_probe(model, val.to(device))},
+                       device)
+
+
+def kept_beside(checkpoint_path, name, settings, measure, device):
+    """measure(model) of one checkpoint's model, with its step, kept beside it (<name>-<checkpoint>.json) for as
+    long as neither the checkpoint nor the settings change."""
+    kept = checkpoint_path.with_name(f"{name}-{checkpoint_path.stem}.json")
     stat = checkpoint_path.stat()
-    key = json.loads(json.dumps({"checkpoint": [stat.st_size, stat.st_mtime_ns],
-                                 "settings": [CUTS, SEGMENT, SCORED_FROM, SEGMENTS, PASSAGE, GAPS, PASSAGES]}))
+    key = json.loads(json.dumps({"checkpoint": [stat.st_size, stat.st_mtime_ns], "settings": settings}))
     if kept.exists() and (saved := read_json(kept)).get("key") == key:
         return saved
     checkpoint = load_checkpoint(checkpoint_path)
-    model, val = model_from_checkpoint(checkpoint).to(device).eval(), val.to(device)
-    result = {**context_curve(model, val), "probe": repeat_probe(model, val), "step": checkpoint["step"], "key": key}
-    kept.write_text(json.dumps(result, indent=2))
+    model = model_from_checkpoint(checkpoint).to(device).eval()
+    kept.write_text(json.dumps({**measure(model), "step": checkpoint["step"], "key": key}, indent=2))
     return read_json(kept)  # as it reads back: numbers keyed by strings
 
 

@@ -10,6 +10,7 @@ The project's experiments: one command each, writing results/<study>.md, .json a
     python experiments.py scaling [--second-data PATH]                      # longer training, larger size (scaling.py)
     python experiments.py nanogpt-cpu                                       # every model at nanoGPT's CPU recipe (field.py)
     python experiments.py context                                           # how far back each model reads (context.py)
+    python experiments.py length                                            # loss against position, to 8,192 (length.py)
 
 Every row is an ordinary train.py run in runs/experiments/<study>-<budget>/<row>.
 A finished row is never trained again and an interrupted one resumes, so
@@ -459,7 +460,7 @@ def main(argv=None):
 
 # what a study decides for itself: asked for anything else, it would silently run its own setting
 FIXED_SETTINGS = {"seed-sentences": ("data", "budget"), "recall": ("data",), "scaling": ("data", "budget"),
-                  "nanogpt-cpu": ("data", "budget"), "context": ("data", "budget")}
+                  "nanogpt-cpu": ("data", "budget"), "context": ("data", "budget"), "length": ("data", "budget")}
 
 
 def elsewhere(module, name):
@@ -472,7 +473,8 @@ def elsewhere(module, name):
 STUDIES = {"seed": study_seed, "seed-sentences": study_seed_sentences, "improvements": study_improvements,
            "recall": elsewhere("recall", "study_recall"),
            "lr-sweep": elsewhere("scaling", "study_lr_sweep"), "scaling": elsewhere("scaling", "study_scaling"),
-           "nanogpt-cpu": elsewhere("field", "study_nanogpt_cpu"), "context": elsewhere("context", "study_context")}
+           "nanogpt-cpu": elsewhere("field", "study_nanogpt_cpu"), "context": elsewhere("context", "study_context"),
+           "length": elsewhere("length", "study_length")}
 
 if __name__ == "__main__":
     try:

@@ -269,3 +269,22 @@ def test_reading_cut_to_w_characters_is_the_model_reading_only_those(name):
             logits, _ = model(tokens[:, start : p + 1])
             expected = torch.nn.functional.cross_entropy(logits[:, -1], tokens[:, p + 1], reduction="none")
             assert torch.allclose(got[:, p], expected, atol=1e-10), (cut, p)
+
+
+def test_loss_by_position_buckets_and_the_gap_past_the_training_length(monkeypatch):
+    """length.py: each bucket's loss is the mean of the per-position losses over its positions and the sequences;
+    within the first training block the two readings are the same text, so the gap there is exactly 0."""
+    import context
+    import length
+    from test_models import V, tiny
+    monkeypatch.setattr(length, "LONGEST", 96)
+    monkeypatch.setattr(length, "EDGES", [0, 16, 48, 96])
+    model = tiny("mamba").double()  # block_size 24
+    val = torch.randint(V, (3 * 97 + 5,))
+    out = length.losses_by_position(model, val)
+    rows = val[: 3 * 97].view(3, 97)
+    for way, cut in (("everything", None), ("training length", 24)):
+        losses = context.position_losses(model, rows, cut)
+        for i, (a, b) in enumerate([(0, 16), (16, 48), (48, 96)]):
+            assert out[way][i][0] == pytest.approx(losses[:, a:b].mean().item(), rel=1e-9)
+    assert out["gap"][0] == (0.0, 0.0) and out["gap"][2][0] != 0.0
