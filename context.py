@@ -130,6 +130,31 @@ def repeat_probe(model, val):
     return out
 
 
+@torch.no_grad()
+def gate_half_lives(model, val):
+    """How long each of a stack's memories keeps what it holds: per state number, the half-life in characters of
+    its keep gate (vector a_t, matrix alpha_t, Mamba exp(Delta_t A)) averaged in log space over 4,096 characters
+    of validation text; their median, and the share beyond 64, 256 and 1,024 characters. None for other models."""
+    if not hasattr(model, "blocks") or not hasattr(model.blocks[0], "mixer"):
+        return None
+    x, halves = model.embed(val[None, :4096]), []
+    for block in model.blocks:
+        u = block.ln_mix(x)
+        u = block.conv(u) if block.conv is not None else u
+        first, *rest = block.mixer.coefficients(u)
+        if model.config.mixer == "vector":
+            log_keep = None if first is None else first.log()  # a_t
+        else:
+            log_keep = rest[3] if model.config.mixer == "matrix" else first  # log alpha_t; log exp(Delta_t A)
+        if log_keep is None:  # no keep gate: nothing fades unless overwritten
+            return {"median": None, "beyond": {"64": 1.0, "256": 1.0, "1024": 1.0}}  # median None: no gate
+        halves.append((math.log(0.5) / log_keep.mean(1)[0].clamp(max=-1e-12)).flatten())
+        x = block(x)
+    halves = torch.cat(halves)
+    return {"median": halves.median().item(),
+            "beyond": {str(n): (halves > n).float().mean().item() for n in (64, 256, 1024)}}
+
+
 def evaluate(checkpoint_path, val, device):
     """The curve and the probe of one checkpoint (context-<name>.json beside it)."""
     return kept_beside(checkpoint_path, "context", [CUTS, SEGMENT, SCORED_FROM, SEGMENTS, PASSAGE, GAPS, PASSAGES],
@@ -171,7 +196,9 @@ def study_context(args, device):
             path = Path(summary["out_dir"]) / name
             if path.exists():
                 result = evaluate(path, val, device)
-                evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe,
+                gates = kept_beside(path, "gates", [4096], lambda model: {"gates": gate_half_lives(model, val.to(device))},
+                                    device)["gates"]
+                evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe, gates=gates,
                                       checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
             elif (summary["name"], label) in scored_before:
                 evaluated.append(scored_before[summary["name"], label])
@@ -228,6 +255,19 @@ def write_context_page(evaluated, trained, device, started):
         lines.append(f"| {e['name']} | {e['recipe']} | " + " | ".join(
             f"{p['control']:.4f} → {p['repeat']:.4f} ({round(-100 * p['drop'], 2) + 0.0:+.2f}%)"
             for p in e["probe"].values()) + " |")
+    gated = [e for e in evaluated if e.get("gates")]
+    if gated:
+        lines += ["\n## What the gates keep\n",
+                  "Each stack's keep gates (vector a_t, matrix alpha_t, Mamba exp(Delta_t A)), per state number, as a "
+                  "half-life in characters (the gate's log averaged over 4,096 characters of validation text): the "
+                  "median over all state numbers, and the share whose half-life passes 64, 256 and 1,024.\n",
+                  "| model | recipe | checkpoint | median half-life | beyond 64 | beyond 256 | beyond 1,024 |",
+                  "|---|---|---|---|---|---|---|"]
+        for e in gated:
+            g = e["gates"]
+            median = "no gate: forever" if g["median"] is None else f"{g['median']:.2f}"
+            lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {median} | "
+                         + " | ".join(f"{100 * g['beyond'][n]:.1f}%" for n in ("64", "256", "1024")) + " |")
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
