@@ -25,7 +25,6 @@ Runs the studies have trained are reused; an evaluation is kept beside its check
 
 import json
 import math
-import time
 from pathlib import Path
 
 import matplotlib
