@@ -61,7 +61,13 @@ LEVERS = [Row("vector stack, block 512", ["--preset", "best-newllm-cpu", "--bloc
               "the delta rule without its keep gate: nothing decays unless overwritten",
               extra={"model": "context matrix"}),
           Row("context matrix, block 512", ["--preset", "best-matrix-cpu", "--block-size", "512", "--batch-size", "8"],
-              "4x longer training windows, the same tokens per step", extra={"model": "context matrix"})]
+              "4x longer training windows, the same tokens per step", extra={"model": "context matrix"}),
+          Row("vector stack, carried state", ["--preset", "best-newllm-cpu", "--carry-state"],
+              "each batch row reads on from the state its last window ended in, gradient cut at the window",
+              extra={"model": "vector stack"}),
+          Row("context matrix, carried state", ["--preset", "best-matrix-cpu", "--carry-state"],
+              "each batch row reads on from the state its last window ended in, gradient cut at the window",
+              extra={"model": "context matrix"})]
 
 
 # -----------------------------------------------------------------------------

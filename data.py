@@ -270,6 +270,22 @@ class TokenStream:
         """The next training batch (x, y), each (B, T)."""
         return self._windows("train", batch_size, self.generator)
 
+    def lane_batch(self, batch_size, step):
+        """Training batch `step` for --carry-state: (x, y, fresh). The training text is cut into batch_size
+        stretches, one per row (a lane), and each row reads its stretch window after window, so that a model
+        can start every window from the state the one before ended in. fresh: the lanes start over (a new
+        pass over the text, or the first batch), and the state goes back to its start."""
+        data, T = self.splits["train"], self.block_size
+        stretch = (len(data) - 1) // batch_size  # tokens per lane; the last one's target is the next token
+        windows = stretch // T
+        if windows < 2:
+            raise UserError(f"--carry-state needs at least 2 windows of {T} tokens per batch row: "
+                            f"{len(data):,} training tokens do not make {batch_size} lanes of {2 * T}")
+        starts = [row * stretch + (step % windows) * T for row in range(batch_size)]
+        x = torch.stack([data[s : s + T] for s in starts])  # (B, T)
+        y = torch.stack([data[s + 1 : s + 1 + T] for s in starts])  # (B, T)
+        return x, y, step % windows == 0
+
     def eval_batches(self, split, batch_size, count):
         generator = torch.Generator().manual_seed(self.eval_seed)
         return [self._windows(split, batch_size, generator) for _ in range(count)]

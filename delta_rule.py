@@ -3,7 +3,7 @@
 DeltaNet (Schlag et al. 2021; Yang et al. 2024) and Gated DeltaNet (Yang, Kautz, Hatamizadeh 2025).
 Per batch row and head, at each position t:
 
-    S_t = alpha_t * S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T      (S_0 = 0)
+    S_t = alpha_t * S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T      (S_0 = 0, or carried in)
     o_t = S_t q_t
 
 k_t is L2-normalised by the caller, beta_t in (0, 1) is how strongly to write, alpha_t = exp(log_alpha_t)
@@ -46,21 +46,21 @@ def delta_rule_step(S, q, k, v, beta, log_alpha=None):
     return o.to(out_dtype), S
 
 
-def delta_rule_loop(q, k, v, beta, log_alpha=None):
+def delta_rule_loop(q, k, v, beta, log_alpha=None, initial=None):
     """The definition, one position at a time. q, k: (B, nh, T, dk); v: (B, nh, T, dv); beta, log_alpha:
-    (B, nh, T). Returns o: (B, nh, T, dv)."""
+    (B, nh, T); S_0 = initial (B, nh, dv, dk) or 0. Returns o: (B, nh, T, dv) and S_T."""
     B, nh, T, dk = k.shape
-    S = torch.zeros(B, nh, v.shape[-1], dk, dtype=torch.promote_types(v.dtype, torch.float32), device=v.device)
+    S = k.new_zeros(B, nh, v.shape[-1], dk) if initial is None else initial
     outs = []
     for t in range(T):
         la = None if log_alpha is None else log_alpha[:, :, t]
         o, S = delta_rule_step(S, q[:, :, t], k[:, :, t], v[:, :, t], beta[:, :, t], la)
         outs.append(o)
-    return torch.stack(outs, dim=2)                                 # (B, nh, T, dv)
+    return torch.stack(outs, dim=2), S                              # (B, nh, T, dv), (B, nh, dv, dk)
 
 
-def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
-    """The same result as delta_rule_loop, a chunk of positions at a time.
+def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK, initial=None):
+    """The same result as delta_rule_loop (o and the last S), a chunk of positions at a time.
 
     Rewrite the update as S_t = alpha_t S_{t-1} + u_t k_t^T with u_t = beta_t (v_t - alpha_t S_{t-1} k_t).
     Take a chunk of Q positions and S_0, the state carried into it from the chunks before. Let g_t = cumsum
@@ -77,7 +77,7 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
     """
     out_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):              # float32 (or float64) even under bf16 autocast
-        q, k, v, beta, log_alpha = map(at_least_float32, (q, k, v, beta, log_alpha))
+        q, k, v, beta, log_alpha, S = map(at_least_float32, (q, k, v, beta, log_alpha, initial))
         if log_alpha is None:
             log_alpha = torch.zeros_like(beta)                      # no gate: alpha = 1
         B, nh, T, dk = k.shape
@@ -98,14 +98,14 @@ def delta_rule_chunked(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
         decayed_k = (g[..., -1:] - g).exp()[..., None] * k          # D K: (.., Q, dk)
         P = (q @ k.mT) * decay                                      # (.., Q, Q)
 
-        S = q.new_zeros(B, nh, v.shape[-1], dk)                     # the state carried into the first chunk
+        S = q.new_zeros(B, nh, v.shape[-1], dk) if S is None else S  # the state carried into the first chunk
         outs = []
         for c in range(n):
             U = U0[:, :, c] - W[:, :, c] @ S.mT                     # (B, nh, Q, dv)
             outs.append(gamma[:, :, c, :, None] * (q[:, :, c] @ S.mT) + P[:, :, c] @ U)  # (B, nh, Q, dv)
             S = gamma[:, :, c, -1, None, None] * S + U.mT @ decayed_k[:, :, c]  # (B, nh, dv, dk)
         o = torch.cat(outs, dim=2)[:, :, :T]                        # (B, nh, T, dv)
-    return o.to(out_dtype)
+    return o.to(out_dtype), S
 
 
 def in_chunks(x, n, Q):

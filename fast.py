@@ -263,20 +263,23 @@ def context_loop(masks, token_part, context_weight, *weights):
 # the chunked delta rule, its backward pass written out
 
 
-def delta_rule_fast(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK):
-    """delta_rule.delta_rule_chunked's result, by ChunkedDeltaRule."""
+def delta_rule_fast(q, k, v, beta, log_alpha=None, chunk=DELTA_CHUNK, initial=None):
+    """delta_rule.delta_rule_chunked's result (o and the last S), by ChunkedDeltaRule. A carried-in S_0 (initial)
+    takes no gradient, as training carries it (--carry-state cuts the gradient at the window)."""
+    if initial is not None and initial.requires_grad:
+        raise ValueError("delta_rule_fast does not differentiate the initial state: pass it detached")
     out_dtype = v.dtype
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, beta, log_alpha = map(at_least_float32, (q, k, v, beta, log_alpha))
+        q, k, v, beta, log_alpha, initial = map(at_least_float32, (q, k, v, beta, log_alpha, initial))
         if log_alpha is None:
             log_alpha = torch.zeros_like(beta)
-        o = apply_chunked_delta_rule(q, k, v, beta, log_alpha, min(chunk, k.shape[2]))
-    return o.to(out_dtype)
+        o, S = apply_chunked_delta_rule(q, k, v, beta, log_alpha, initial, min(chunk, k.shape[2]))
+    return o.to(out_dtype), S
 
 
 @torch.compiler.disable  # torch.compile would unroll the loop over chunks into its graph: minutes to compile
-def apply_chunked_delta_rule(q, k, v, beta, log_alpha, Q):
-    return ChunkedDeltaRule.apply(q, k, v, beta, log_alpha, Q)
+def apply_chunked_delta_rule(q, k, v, beta, log_alpha, initial, Q):
+    return ChunkedDeltaRule.apply(q, k, v, beta, log_alpha, initial, Q)
 
 
 def batched(x):
@@ -307,7 +310,7 @@ class ChunkedDeltaRule(torch.autograd.Function):
     lines in reverse (the loop over chunks last chunk first). Chunked tensors are (n, B, nh, Q, ...)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, beta, log_alpha, Q):
+    def forward(ctx, q, k, v, beta, log_alpha, initial, Q):
         B, nh, T, dk = k.shape
         dv = v.shape[-1]
         n = -(-T // Q)
@@ -327,22 +330,24 @@ class ChunkedDeltaRule(torch.autograd.Function):
         decayed_k = to_end[..., None] * k
         last = gamma[..., -1, None, None]
         S = q.new_empty(n, B, nh, dv, dk)
-        S[0] = 0
+        S[0] = 0 if initial is None else initial
         for c in range(n):
             batched(U[c]).baddbmm_(batched(W[c]), batched(S[c]).mT, alpha=-1)  # U = U0 - W S_0^T
             if c + 1 < n:  # the next chunk's S_0
                 batched(torch.mul(S[c], last[c], out=S[c + 1])).baddbmm_(batched(U[c]).mT, batched(decayed_k[c]))
+        S_end = torch.baddbmm(batched(S[-1] * last[-1]), batched(U[-1]).mT, batched(decayed_k[-1])).view_as(S[-1])
+        ctx.mark_non_differentiable(S_end)  # a state carried on to the next window, where its gradient is cut
         read_old = q @ S.mT
         P = (q @ k.mT).mul_(decay)
         o = torch.addcmul(P @ U, gamma[..., None], read_old)
         ctx.save_for_backward(q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U,
                               decayed_k, P, read_old)
         ctx.length = T
-        return from_chunks(o, T)
+        return from_chunks(o, T), S_end
 
     @staticmethod
     @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
-    def backward(ctx, grad_o):
+    def backward(ctx, grad_o, grad_S_end):  # grad_S_end: none, S_end is not differentiable
         (q, k, v, beta, gamma, to_end, decay, decayed_gram, M, scaled_k, scaled_v, W, S, U, decayed_k, P,
          read_old) = ctx.saved_tensors
         n, Q = q.shape[0], q.shape[3]
@@ -388,4 +393,4 @@ class ChunkedDeltaRule(torch.autograd.Function):
         d_log_alpha = dg.flip(-1).cumsum(-1).flip(-1)  # g = cumsum(log_alpha)
         T = ctx.length
         return (from_chunks(dq, T), from_chunks(dk, T), from_chunks(dv, T), from_chunks(dbeta, T),
-                from_chunks(d_log_alpha, T), None)
+                from_chunks(d_log_alpha, T), None, None)

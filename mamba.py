@@ -69,10 +69,11 @@ class MambaMixer(Mixer):
         """y_t = h_t C_t + D * x_t: (..., C, N), (..., N), (..., C) -> (..., C)."""
         return (h * C[..., None, :]).sum(-1) + self.D * x
 
-    def forward(self, u):
+    def forward(self, u, h=None):
         log_a, b, C, x, read = self.coefficients(u)  # (B, T, C, N) twice, (B, T, N), (B, T, C)
-        h = chunked_scan(log_a.flatten(2), b.flatten(2)).unflatten(2, log_a.shape[2:])  # h_t, every t: (B, T, C, N)
-        return self.read_out(self.answer(h, C, x), read)  # (B, T, E)
+        h0 = None if h is None else h.flatten(1)  # h_0: carried in, or 0
+        h = chunked_scan(log_a.flatten(2), b.flatten(2), h0).unflatten(2, log_a.shape[2:])  # h_t, every t: (B, T, C, N)
+        return self.read_out(self.answer(h, C, x), read), h[:, -1]  # (B, T, E), h_T
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, self.config.state_dim, device=device)  # h_0 = 0

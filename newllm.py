@@ -38,7 +38,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
 IGNORE = -1  # target value the loss skips (padding); data.py marks targets with it
 
 # -----------------------------------------------------------------------------

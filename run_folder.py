@@ -12,6 +12,7 @@ What a checkpoint holds:
   model, optimizer     weights and AdamW state
   tokenizer, data      the vocabulary, and the identity of the text it was trained on
   step, best_val_loss, last_eval_step, elapsed_s, train_time_s    where the run stands (Progress)
+  carried              --carry-state: the model state the last training batch ended in (else None)
   rng                  every random state that decides the next batch and dropout mask (CPU tensors)
   args                 the flags of the run
   format               the layout's number (FORMAT)
@@ -27,6 +28,7 @@ import zipfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -165,6 +167,7 @@ class Progress:
     last_eval_step: int = -1
     elapsed_s: float = 0.0        # wall-clock time, evaluation included
     train_time_s: float = 0.0     # time spent in optimiser steps only
+    carried: Optional[dict] = None  # --carry-state: the model state the last training batch ended in
 
 
 def claim_out_dir(out_dir, args):
@@ -210,7 +213,18 @@ def resume(out_dir, args, model, optimizer, dataset, proc):
         set_rng_state(states[proc.rank], dataset, proc.device)
     elif proc.master:
         print(f"note: the run was written by {len(states)} process(es), not {proc.world_size}: batches will differ")
-    return Progress(**{f.name: checkpoint[f.name] for f in fields(Progress)})
+    run = Progress(**{f.name: checkpoint.get(f.name, f.default) for f in fields(Progress)})
+    run.carried = on_device(run.carried, proc.device)
+    return run
+
+
+def on_device(state, device):
+    """A model state (dicts and lists of tensors and numbers, as init_state makes them) moved to the device."""
+    if isinstance(state, dict):
+        return {key: on_device(value, device) for key, value in state.items()}
+    if isinstance(state, list):
+        return [on_device(value, device) for value in state]
+    return state.to(device) if torch.is_tensor(state) else state
 
 
 def intact_alternative(out_dir, damaged):

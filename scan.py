@@ -1,5 +1,5 @@
 """
-The vector context's recurrence, c_t = a_t * c_{t-1} + b_t (c_0 = 0), for every position:
+The vector context's recurrence, c_t = a_t * c_{t-1} + b_t (c_0 = 0, or carried in), for every position:
 the loop that defines it, and the chunked form that training runs (stack.py's vector mixer).
 
     sequential_scan   the definition, one position at a time: T dependent steps
@@ -27,9 +27,9 @@ SCAN_CHUNK = 16
 MIN_KEEP = math.exp(-64 / SCAN_CHUNK)  # a_t >= e^-4 ~ 0.018: a chunk's decay, >= e^-64, stays within float32's range
 
 
-def sequential_scan(log_a, b):
-    """The definition, one position at a time. log_a, b: (B, T, C) -> c: (B, T, C)."""
-    context = torch.zeros_like(b[:, 0])
+def sequential_scan(log_a, b, initial=None):
+    """The definition, one position at a time. log_a, b: (B, T, C), c_0 = initial (B, C) or 0 -> c: (B, T, C)."""
+    context = torch.zeros_like(b[:, 0]) if initial is None else initial
     out = []
     for t in range(b.size(1)):
         context = log_a[:, t].exp() * context + b[:, t]
@@ -37,7 +37,7 @@ def sequential_scan(log_a, b):
     return torch.stack(out, dim=1)
 
 
-def chunked_scan(log_a, b):
+def chunked_scan(log_a, b, initial=None):
     """sequential_scan's values, a chunk of positions at a time, for log_a >= log(MIN_KEEP).
 
     Inside a chunk, with positions t = 1 .. Q, A_t counted from the chunk's start and c_in the
@@ -47,6 +47,8 @@ def chunked_scan(log_a, b):
     same recurrence, one level up, over the chunk ends.
     """
     B, T, C = b.shape
+    if initial is not None:  # c_1 = a_1 c_0 + b_1: a carried-in c_0 is one more term of b_1
+        b = torch.cat([b[:, :1] + log_a[:, :1].exp() * initial[:, None], b[:, 1:]], dim=1)
     A = chunks(log_a).cumsum(2)  # (B, n, Q, C): log of the decay from the chunk's start to t, >= -64
     decay = A.exp()  # exp(A_t) <= 1
     local = decay * (chunks(b) * (-A).exp()).cumsum(2)  # every chunk scanned from c_in = 0

@@ -4,7 +4,6 @@ model. Read newllm.py first; this is where its single context vector goes next.
 
     python train.py --preset best-newllm-cpu                  # the best vector stack, ~0.8M parameters
     python train.py --preset best-matrix-cpu                  # the context-matrix stack, same size
-    python train.py --arch stack --mixer matrix --context-heads 2
 
 Glossary (sizes in brackets after an equation are the vector's length)
     B batch size    T sequence length    V vocabulary size    E embed_dim    H hidden_dim (MLP)
@@ -77,9 +76,10 @@ class ShortConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, width).uniform_(-bound, bound))  # (E, K), oldest first
         self.bias = nn.Parameter(torch.empty(channels).uniform_(-bound, bound))
 
-    def forward(self, x):
+    def forward(self, x, recent=None):
+        """x (B, T, E) and the K - 1 inputs before it (carried from the window before; zeros when not given)."""
         T, K = x.size(1), self.weight.size(1)
-        padded = F.pad(x, (0, 0, K - 1, 0))  # K - 1 zeros before the first position: (B, T + K - 1, E)
+        padded = F.pad(x, (0, 0, K - 1, 0)) if recent is None else torch.cat([recent, x], dim=1)  # (B, T + K - 1, E)
         u = self.bias
         for j in range(K):
             u = u + padded[:, j : j + T] * self.weight[:, j]
@@ -152,14 +152,14 @@ class VectorMixer(Mixer):
         write = (1 - self.floor) * torch.sigmoid(-z)  # 1 - a_t, without the rounding of 1 - keep near 1
         return keep, write, value, read
 
-    def forward(self, u):
+    def forward(self, u, context=None):  # step's work for a whole window: c_0 (B, C), or None for 0
         keep, write, value, read = self.coefficients(u)  # (B, T, C) each
         if keep is None:  # the report's plain addition: c_t = c_{t-1} + v_t
             log_a, b = torch.zeros_like(value), value
         else:  # c_t = a_t c_{t-1} + (1 - a_t) v_t
             log_a, b = keep.log(), write * value
-        c = chunked_scan(log_a, b)  # c_t at every position at once (scan.py)
-        return self.read_out(c, read)  # (B, T, E)
+        c = chunked_scan(log_a, b, context)  # c_t at every position at once (scan.py)
+        return self.read_out(c, read), c[:, -1]  # (B, T, E), and c_T
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, device=device)  # c_0 = 0
@@ -191,12 +191,12 @@ class MatrixMixer(Mixer):
         log_alpha = F.logsigmoid(alpha[0] + KEEP_OFFSET) if alpha else None
         return q, k, v, torch.sigmoid(beta), log_alpha, read
 
-    def forward(self, u):
+    def forward(self, u, memory=None):
         q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, dk or dv) and (B, T, nh)
         q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))  # heads first: (B, nh, T, ...)
         log_alpha = log_alpha.transpose(1, 2) if log_alpha is not None else None
-        recalled = (self.fast or delta_rule_chunked)(q, k, v, beta, log_alpha)  # m_t = S_t q_t (delta_rule.py)
-        return self.read_out(recalled.transpose(1, 2).flatten(2), read)  # m_t = S_t q_t (B, T, C), read out: (B, T, E)
+        recalled, memory = (self.fast or delta_rule_chunked)(q, k, v, beta, log_alpha, initial=memory)  # delta_rule.py
+        return self.read_out(recalled.transpose(1, 2).flatten(2), read), memory  # m_t = S_t q_t read out, and S_T
 
     def init_state(self, batch_size, device):
         nh, dk = self.config.context_heads, self.config.key_dim
@@ -248,11 +248,16 @@ class ContextBlock(nn.Module):
         self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, state=None):
+        """state (--carry-state): where the window before ended; replaced in place by where this one ends, gradient cut."""
         normed = self.ln_mix(x)
-        mixed = self.mixer(self.conv(normed) if self.conv is not None else normed)
+        u = self.conv(normed, state and state["recent"]) if self.conv is not None else normed
+        mixed, memory = self.mixer(u, state and state["memory"])
         if self.local is not None:
             mixed = mixed + self.local(normed)
+        if state is not None:
+            recent = torch.cat([state["recent"], normed], dim=1)[:, normed.size(1):]  # the conv's last K - 1 inputs
+            state.update(memory=memory.detach(), recent=recent.detach())
         x = x + self.drop(mixed)
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
@@ -319,11 +324,13 @@ class ContextStack(nn.Module):
 
     embed = NewLLM.embed  # the report's model's embedding (it reads tok_emb, pos_emb and config.block_size)
 
-    def forward(self, idx, targets=None):
-        """idx (B, T) -> logits (B, T, V), and the mean cross-entropy over scored targets."""
-        x = self.embed(idx)  # (B, T, E)
-        for block in self.blocks:
-            x = block(x)
+    def forward(self, idx, targets=None, state=None):
+        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy; with a state, reads on from it (step's, a window)."""
+        x = self.embed(idx, state["position"] if state else 0)  # (B, T, E)
+        for i, block in enumerate(self.blocks):
+            x = block(x, state and state["blocks"][i])
+        if state is not None:
+            state["position"] += idx.size(1)
         logits = self.head(self.ln_final(x))  # (B, T, V)
         return logits, language_model_loss(logits, targets)
 

@@ -23,8 +23,8 @@ def make_inputs(B=2, H=3, T=37, dk=8, dv=6, gated=True, dtype=torch.float64):
 
 
 def output_and_grads(fn, inputs, w):
-    """fn's output and the gradients of sum(output * w) w.r.t. every input given."""
-    o = fn(*inputs)
+    """fn's output o (of o and the last state) and the gradients of sum(o * w) w.r.t. every input given."""
+    o, _ = fn(*inputs)
     leaves = [x for x in inputs if x is not None]
     return o, torch.autograd.grad((o * w).sum(), leaves)
 
@@ -73,8 +73,8 @@ def test_bfloat16_autocast(chunked):
     inputs = [x.detach().bfloat16().requires_grad_() if x is not None else None
               for x in make_inputs(T=37, dtype=torch.float32)]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        o = chunked(*inputs, chunk=16)
-    o_ref = delta_rule_loop(*[x.detach().float() for x in inputs])  # same bf16-rounded inputs, in float32
+        o, _ = chunked(*inputs, chunk=16)
+    o_ref, _ = delta_rule_loop(*[x.detach().float() for x in inputs])  # same bf16-rounded inputs, in float32
     assert o.dtype == torch.bfloat16 and torch.isfinite(o).all()
     # 2**-8: the computation is float32, so only the final rounding of o to bf16 (<= 2**-9 relative) separates
     # them. Tighter than needed for accuracy on purpose: letting autocast run the matmuls in bf16 gives ~7e-3 here.
@@ -92,7 +92,7 @@ def run_loop(writes):
     """delta_rule_loop, no gate, on a list of (key, value, beta, query) for one batch row and head; o: (T, dv)."""
     k, v, beta, q = (torch.stack([torch.as_tensor(w[j], dtype=torch.float64) for w in writes])[None, None]
                      for j in range(4))
-    return delta_rule_loop(q, k, v, beta)[0, 0]
+    return delta_rule_loop(q, k, v, beta)[0][0, 0]
 
 
 def test_overwrite_and_idempotent_write():
@@ -121,5 +121,29 @@ def test_step_equals_chunked():
     for t in range(37):
         o, S = delta_rule_step(S, q[:, :, t], k[:, :, t], v[:, :, t], beta[:, :, t], log_alpha[:, :, t])
         outs.append(o)
-    o_chunked = delta_rule_chunked(q, k, v, beta, log_alpha, chunk=16)
+    o_chunked, S_chunked = delta_rule_chunked(q, k, v, beta, log_alpha, chunk=16)
     assert rel_err(torch.stack(outs, dim=2), o_chunked) <= 1e-10
+    assert rel_err(S_chunked, S) <= 1e-10  # and the state it ends in, which --carry-state carries on
+
+
+@pytest.mark.parametrize("T", [37, 5])  # the second window over several chunks, or inside one
+@pytest.mark.parametrize("gated", [True, False])
+@CHUNKED
+def test_a_carried_state_reads_on(T, gated, chunked):
+    """Reading a window from the state the window before ended in (--carry-state) gives the loop over both
+    windows: the second window's outputs and their gradients (the carried state takes none), and the last state."""
+    torch.manual_seed(0)
+    inputs = make_inputs(T=20 + T, gated=gated)
+    first = [x if x is None else x.detach()[:, :, :20] for x in inputs]
+    second = [x if x is None else x.detach()[:, :, 20:].requires_grad_() for x in inputs]
+    _, carried = delta_rule_loop(*first)
+    w = torch.randn(2, 3, T, 6, dtype=torch.float64)
+    o_ref, g_ref = output_and_grads(lambda *x: delta_rule_loop(*x, initial=carried), second, w)
+    o, g = output_and_grads(lambda *x: chunked(*x, chunk=16, initial=carried), second, w)
+    assert rel_err(o, o_ref) <= 1e-10
+    for a, b in zip(g, g_ref):
+        assert rel_err(a, b) <= 1e-10
+    o_whole, S_whole = delta_rule_loop(*[x if x is None else x.detach() for x in inputs])
+    assert rel_err(o, o_whole[:, :, 20:]) <= 1e-10
+    assert rel_err(chunked(*[x if x is None else x.detach() for x in second], chunk=16, initial=carried)[1],
+                   S_whole) <= 1e-10

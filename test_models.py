@@ -91,6 +91,40 @@ def test_step_equals_forward(name, fast):
     assert torch.allclose(torch.stack(stepped, dim=1), logits, atol=1e-5)
 
 
+CARRIES = ["stack+norm+timescales+conv", "stack additive (no gate)", "matrix", "matrix ungated", "mamba"]
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["engine", "lesson"])
+@pytest.mark.parametrize("name", CARRIES)
+def test_a_carried_state_reads_on(name, fast):
+    """forward with a state (--carry-state) reads on from where the window before ended: two windows, the
+    state carried between them, give the logits of one forward over both and of the step, and end in the
+    step's state (memory and conv window)."""
+    model = tiny(name, fast, short_conv=3)
+    idx = torch.randint(V, (3, 53))
+    with torch.no_grad():
+        whole, _ = model(idx)
+        state = model.init_state(3, "cpu")
+        windows = [model(idx[:, :37], state=state)[0], model(idx[:, 37:39], state=state)[0],  # a window shorter
+                   model(idx[:, 39:], state=state)[0]]                                        # than the conv's
+    assert torch.allclose(torch.cat(windows, dim=1), whole, atol=1e-5)
+    stepped = model.init_state(3, "cpu")
+    for t in range(53):
+        _, stepped = model.step(idx[:, t], stepped)
+    assert state["position"] == stepped["position"] == 53
+    for carried, step in zip(state["blocks"], stepped["blocks"]):
+        assert torch.allclose(carried["memory"], step["memory"], atol=1e-5)
+        assert torch.allclose(carried["recent"], step["recent"], atol=1e-5)
+
+
+def test_a_carried_state_takes_no_gradient():
+    """Training cuts the gradient at the window: the state a window leaves is detached."""
+    model = tiny("matrix", short_conv=3).train()
+    state = model.init_state(2, "cpu")
+    model(torch.randint(V, (2, 9)), state=state)
+    assert all(not tensor.requires_grad for block in state["blocks"] for tensor in (block["memory"], block["recent"]))
+
+
 def loss_and_gradients(model, forward, idx):
     model.zero_grad()
     _, loss = forward(idx, idx)
@@ -122,20 +156,22 @@ def test_compiled_model_equals_eager(name):
 @pytest.mark.parametrize("gates", ["any", "at the floor"])
 @pytest.mark.parametrize("dtype,tol,autocast", [(torch.float64, 1e-12, False), (torch.float32, 1e-5, False),
                                                 (torch.float32, 1e-5, True)])
-def test_chunked_scan_equals_the_loop(dtype, tol, autocast, gates):
+@pytest.mark.parametrize("initial", [None, "carried in"])
+def test_chunked_scan_equals_the_loop(dtype, tol, autocast, gates, initial):
     """The chunked scan equals the loop in value and gradient,
     over many chunks, for any keep gate the models can produce (MIN_KEEP .. 1) and with every gate forgetting
-    as fast as it can; relative to the largest value, 1e-5 in float32, also under bfloat16 autocast (the
-    scan's sums must not drop to bfloat16: they would be ~5e-2 off)."""
+    as fast as it can, from c_0 = 0 or a c_0 carried in; relative to the largest value, 1e-5 in float32, also
+    under bfloat16 autocast (the scan's sums must not drop to bfloat16: they would be ~5e-2 off)."""
     torch.manual_seed(0)
     keep = torch.rand(2, 300, 8, dtype=dtype) if gates == "any" else torch.ones(2, 300, 8, dtype=dtype)
     log_a = (keep * math.log(MIN_KEEP)).requires_grad_()
     b = torch.randn(2, 300, 8, dtype=dtype).requires_grad_()
+    c0 = None if initial is None else 10 * torch.randn(2, 8, dtype=dtype)
     weights = torch.randn(2, 300, 8, dtype=dtype)
     outputs, grads = [], []
     for scan in (sequential_scan, chunked_scan):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and scan is not sequential_scan):
-            c = scan(log_a, b)
+            c = scan(log_a, b, c0)
         (c * weights).sum().backward()
         outputs.append(c.detach())
         grads.append((log_a.grad.clone(), b.grad.clone()))
@@ -384,6 +420,23 @@ def test_report_sentences_are_split_and_counted_the_reports_way(monkeypatch):
     batches = ds.eval_batches("val", 16, 50)
     assert len(batches) == 1 and [ds.tokenizer.decode(row[row != IGNORE].tolist()) for row in batches[0][1]] == \
         [" ".join(w if w in words else "<UNK>" for w in line.split()) + " <EOS>" for line in val]
+
+
+def test_lanes_read_the_text_window_after_window(char_corpus):
+    """--carry-state's batches: row r reads its own stretch of the training text, each window starting where
+    the row's last one ended, and all rows start over together (fresh) after their last whole window."""
+    ds = load_dataset(str(char_corpus), "char", block_size=16)
+    train = ds.splits["train"]
+    stretch = (len(train) - 1) // 4
+    windows = stretch // 16
+    batches = [ds.lane_batch(4, step) for step in range(windows + 1)]
+    assert [fresh for _, _, fresh in batches] == [True] + [False] * (windows - 1) + [True]
+    for row in range(4):
+        read = torch.cat([x[row] for x, _, _ in batches[:windows]])
+        assert torch.equal(read, train[row * stretch : row * stretch + windows * 16])
+        assert torch.equal(torch.cat([y[row] for _, y, _ in batches[:windows]]),
+                           train[row * stretch + 1 : row * stretch + windows * 16 + 1])
+    assert torch.equal(batches[windows][0], batches[0][0])
 
 
 def test_stream_split_is_contiguous_90_10(char_corpus):

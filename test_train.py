@@ -148,6 +148,11 @@ def test_bad_corpus_files(tmp_path, content, fragment):
     (["--max-iters", "10", "--eval-interval", "5", "--snapshots", "7"], "in multiples of 5"),
     (["--max-iters", "10", "--eval-interval", "5", "--snapshots", "15"], "steps up to 10"),
     (["--arch", "stack", "--state-dim", "0"], "--state-dim must be positive"),
+    (["--carry-state"], "--carry-state is for --arch stack"),
+    (["--arch", "stack", "--local-window", "4", "--carry-state"], "--carry-state is for --arch stack without"),
+    (["--arch", "stack", "--carry-state", "--compile"], "without --compile"),
+    (["--arch", "stack", "--carry-state", "--data", "recall"], "reads the text as one stream"),
+    (["--arch", "stack", "--carry-state", "--batch-size", "5000"], "needs at least 2 windows"),
 ])
 def test_bad_flags(corpus, tmp_path, flags, fragment):
     assert_one_line_error(run("train.py", "--data", corpus, "--out-dir", tmp_path / "run", *flags), fragment)
@@ -370,6 +375,26 @@ def test_snapshots_keep_the_model_as_it_was_at_those_steps(corpus, tmp_path):
     early, middle, last = (load_checkpoint(out / name) for name in ("step-2.pt", "step-4.pt", "last.pt"))
     assert (early["step"], middle["step"], last["step"]) == (2, 4, 6)
     assert not torch.equal(early["model"]["head.weight"], middle["model"]["head.weight"])
+
+
+def test_a_run_that_carries_its_state_resumes_exactly(corpus, tmp_path):
+    """--carry-state keeps the state its last batch ended in with the run: resumed from step 4 (the lanes
+    wrap around in between), the run ends with the weights of the run never stopped, bit for bit."""
+    flags = ["--data", corpus, *TINY, "--arch", "stack", "--carry-state", "--max-iters", "10", "--eval-interval", "2",
+             "--dropout", "0.1", "--batch-size", "64"]
+    whole, parted = tmp_path / "whole", tmp_path / "parted"
+    assert run("train.py", "--out-dir", whole, *flags, "--snapshots", "4").returncode == 0
+    windows = (len(data.load_dataset(str(corpus), block_size=16).splits["train"]) - 1) // 64 // 16
+    assert 2 <= windows < 10  # the lanes start over (and the state is reset) inside the run
+    parted.mkdir()
+    shutil.copy(whole / "config.json", parted)
+    shutil.copy(whole / "step-4.pt", parted)
+    assert load_checkpoint(parted / "step-4.pt")["carried"]["position"] > 0
+    result = run("train.py", "--out-dir", parted, "--resume", "step-4.pt")
+    assert result.returncode == 0, result.stderr
+    a, b = load_checkpoint(whole / "last.pt"), load_checkpoint(parted / "last.pt")
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(a["model"][name], b["model"][name]) for name in a["model"])
 
 
 def test_resuming_reads_the_checkpoint_on_the_cpu_whatever_the_device(trained_run, tmp_path):

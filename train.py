@@ -61,6 +61,7 @@ def main(argv=None):
     model = build_model(args.arch, fast=args.fast, **model_config)  # fast=False: the lesson files alone
     n_params = count_params(model)
     say(f"params: {n_params}")
+    check_carry_state(args, model, dataset, proc.world_size)
     if args.dry_run:
         return {"params": n_params}
     model.to(proc.device)
@@ -140,9 +141,9 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
                 tick = time.time()
                 for group in optimizer.param_groups:
                     group["lr"] = get_lr(run.step, args, max_iters)
-                x, y = (t.to(proc.device, non_blocking=True) for t in dataset.get_batch(args.batch_size))
+                x, y, state = next_batch(model, dataset, args, run, proc.device)
                 with autocast:
-                    _, loss = trained(x, y)
+                    _, loss = trained(x, y) if state is None else trained(x, y, state=state)
                 loss.backward()
                 if args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -179,6 +180,19 @@ def train(model, optimizer, dataset, args, proc, run, max_iters, eval_interval):
     tokens = run.step * tokens_per_step
     return {"best_val_loss": run.best_val_loss, "steps": run.step, "tokens": tokens, "train_time_s": run.train_time_s,
             "tokens_per_s": tokens / max(run.train_time_s, 1e-9), "out_dir": str(out_dir)}
+
+
+def next_batch(model, dataset, args, run, device):
+    """The next training batch (x, y) on the device, and the state its rows start from (None: each from scratch).
+    With --carry-state each row reads on through its own stretch of the text from where its last window ended,
+    the gradient cut between windows (how char-rnn trained); the state is saved with the run, so resuming is exact."""
+    if not args.carry_state:
+        x, y = dataset.get_batch(args.batch_size)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True), None
+    x, y, fresh = dataset.lane_batch(args.batch_size, run.step)
+    if fresh:  # the lanes start from the beginning of their stretches: so does the state
+        run.carried = model.init_state(args.batch_size, device)
+    return x.to(device), y.to(device), run.carried
 
 
 def evaluate_and_save(model, optimizer, dataset, args, proc, run, eval_data, autocast, lr):
@@ -313,6 +327,8 @@ def build_parser():
     g.add_argument("--eval-interval", type=int, default=100, help="evaluate every N steps (0 = once per epoch)")
     g.add_argument("--eval-iters", type=int, default=10, help="batches per evaluation (the same batches every time)")
     g.add_argument("--log-interval", type=int, default=10, help="read the loss on the host every N steps")
+    g.add_argument("--carry-state", action=bool_flag, default=False,
+                   help="stack: each batch row reads on from the state its last window ended in (gradient cut)")
     g.add_argument("--snapshots", type=int_list, default=[], help="also keep the model at these steps (step-N.pt)")
     g.add_argument("--seed", type=int, default=1337, help="seed for initialisation, batches and dropout")
 
@@ -383,6 +399,20 @@ def check_training_flags(args):
 
 
 MODEL_FLAGS = {f.name for config_class, _ in ARCHS.values() for f in fields(config_class)} - {"vocab_size"}
+
+
+def check_carry_state(args, model, dataset, world_size):
+    """--carry-state needs a model that reads on from a state, a text read as one stream, and one process."""
+    if not args.carry_state:
+        return
+    if args.arch != "stack" or model.config.local_window or model.config.pos_embed:
+        raise UserError("--carry-state is for --arch stack without --local-window or --pos-embed: "
+                        "only a fixed-size state can be carried from window to window")
+    if not hasattr(dataset, "lane_batch"):
+        raise UserError("--carry-state reads the text as one stream: not with --sentences or --data recall")
+    if world_size > 1 or args.compile:
+        raise UserError("--carry-state runs in one process and without --compile")
+    dataset.lane_batch(args.batch_size, 0)  # a text too short for its lanes fails here, before anything is written
 
 
 def model_config_from_args(args, vocab_size):
