@@ -35,12 +35,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import bench
 import field
+import train
 from data import load_dataset
 from delta_rule import at_least_float32
 from experiments import RESULTS, Row, committed_results, header, kept_rows, run_rows, write_results
-from models import model_from_checkpoint
-from run_folder import load_checkpoint, read_json
+from models import build_model, model_from_checkpoint
+from run_folder import load_checkpoint, read_json, write_json
 
 CUTS = [8, 16, 32, 64, 128, 256, 512, 1024]
 SEGMENT, SCORED_FROM = 2048, 1024  # positions SCORED_FROM .. SEGMENT - 1 of each segment are scored
@@ -68,6 +70,9 @@ LEVERS = [Row("vector stack, block 512", ["--preset", "best-newllm-cpu", "--bloc
           Row("context matrix, carried state", ["--preset", "best-matrix-cpu", "--carry-state"],
               "each batch row reads on from the state its last window ended in, gradient cut at the window",
               extra={"model": "context matrix"})]
+# training long at equal time: block 1,024 (4 sequences, the presets' 4,096 tokens a step), the same minutes each
+EQUAL_TIME = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
+EQUAL_TIME_MINUTES = 12
 
 
 # -----------------------------------------------------------------------------
@@ -220,11 +225,36 @@ def study_context(args, device):
         score(summary, "nanoGPT recipe, block 64", [("ckpt.pt", "best")])
     write()
     steps = [(f"step-{s}.pt", f"step {s}") for s in SNAPSHOTS] + [("ckpt.pt", "best")]
-    for row in presets[:3] + LEVERS + presets[3:]:  # one by one, each scored and written as it lands
+    for row in presets[:3] + LEVERS + equal_time_rows(device) + presets[3:]:  # each scored and written as it lands
         summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
         trained.append(summary)
-        score(summary, "CPU preset, block 128" if row in presets else "lever", steps if row in presets else steps[-1:])
+        recipe = "CPU preset, block 128" if row in presets else "equal time" if row.name in EQUAL_TIME else "lever"
+        score(summary, recipe, steps if row in presets else steps[-1:])
         write()
+
+
+def equal_time_rows(device):
+    """The equal-time rows: each model trains for EQUAL_TIME_MINUTES of optimiser steps, the number of steps set
+    from its median training step timed here as the study starts (bench.py's timing; nothing else may run then)
+    and kept in the study's folder, so that a resumed study trains the same rows."""
+    kept_path = Path("runs/experiments/context-quick/equal-time.json")
+    timed = read_json(kept_path) if kept_path.exists() else {}
+    rows = []
+    for name, preset in EQUAL_TIME.items():
+        flags = ["--preset", preset, "--block-size", "1024", "--batch-size", "4"]
+        if name not in timed:
+            args = train.parse_args(flags)
+            torch.manual_seed(0)
+            model = build_model(args.arch, **train.model_config_from_args(args, 65)).to(device)
+            tokens_per_s = bench.train_throughput(model, 1024, 4096, device, repeats=7)
+            timed[name] = {"tokens_per_s": tokens_per_s, "steps": round(EQUAL_TIME_MINUTES * 60 * tokens_per_s / 4096)}
+            kept_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(kept_path, timed)
+        steps = timed[name]["steps"]
+        rows.append(Row(name, [*flags, "--max-iters", str(steps), "--eval-interval", str(max(1, steps // 15))],
+                        f"block 1,024 for {EQUAL_TIME_MINUTES} minutes of training steps here: {steps:,} steps "
+                        f"(timed at {timed[name]['tokens_per_s']:,.0f} tokens/s)", extra={"model": name.split(",")[0]}))
+    return rows
 
 
 def write_context_page(evaluated, trained, device, started):

@@ -195,7 +195,7 @@ class MatrixMixer(Mixer):
         q, k, v, beta, log_alpha, read = self.coefficients(u)  # (B, T, nh, dk or dv) and (B, T, nh)
         q, k, v, beta = (x.transpose(1, 2) for x in (q, k, v, beta))  # heads first: (B, nh, T, ...)
         log_alpha = log_alpha.transpose(1, 2) if log_alpha is not None else None
-        recalled, memory = (self.fast or delta_rule_chunked)(q, k, v, beta, log_alpha, initial=memory)  # delta_rule.py
+        recalled, memory = (self.fast or delta_rule_chunked)(q, k, v, beta, log_alpha, initial=memory)  # m_t = S_t q_t
         return self.read_out(recalled.transpose(1, 2).flatten(2), read), memory  # m_t = S_t q_t read out, and S_T
 
     def init_state(self, batch_size, device):
@@ -253,11 +253,11 @@ class ContextBlock(nn.Module):
         normed = self.ln_mix(x)
         u = self.conv(normed, state and state["recent"]) if self.conv is not None else normed
         mixed, memory = self.mixer(u, state and state["memory"])
-        if self.local is not None:
+        if self.local is not None:  # (its window of keys and values is not carried: train.py refuses --carry-state)
             mixed = mixed + self.local(normed)
         if state is not None:
             recent = torch.cat([state["recent"], normed], dim=1)[:, normed.size(1):]  # the conv's last K - 1 inputs
-            state.update(memory=memory.detach(), recent=recent.detach())
+            state.update(memory=memory.detach().clone(), recent=recent.detach().clone())  # clone: not their windows
         x = x + self.drop(mixed)
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
@@ -325,8 +325,8 @@ class ContextStack(nn.Module):
     embed = NewLLM.embed  # the report's model's embedding (it reads tok_emb, pos_emb and config.block_size)
 
     def forward(self, idx, targets=None, state=None):
-        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy; with a state, reads on from it (step's, a window)."""
-        x = self.embed(idx, state["position"] if state else 0)  # (B, T, E)
+        """idx (B, T) -> logits (B, T, V) and the mean cross-entropy; with a state, reads on from it as step would."""
+        x = self.embed(idx, state["position"] if state is not None else 0)  # (B, T, E)
         for i, block in enumerate(self.blocks):
             x = block(x, state and state["blocks"][i])
         if state is not None:
