@@ -80,7 +80,7 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         earlier results, such as the hybrid, can change) does not count."""
         summary_path = study_dir / slug(row.name) / "summary.json"
         summary = read_json(summary_path) if summary_path.exists() else None
-        same = summary and without_device(summary.get("command", "").split()) == without_device(command_of(row).split())
+        same = summary and same_run(summary.get("command", "").split()) == same_run(command_of(row).split())
         return summary if same else None
 
     def finished(row):
@@ -88,8 +88,10 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
         its numbers are kept, its labels come from today's rows."""
         if here := trained_here(row):
             return dict(here, **labels_of(row))
-        if without_device(kept.get(row.name, {}).get("flags", [])) == without_device(flags_of(row)):
-            return dict(kept[row.name], **labels_of(row))
+        saved = kept.get(row.name, {})
+        saved_flags = saved.get("flags") or saved.get("command", "").split()[2:]  # "python train.py <flags>"
+        if same_run(saved_flags) == same_run(flags_of(row)):
+            return dict(saved, **labels_of(row))
         return None
 
     summaries = []
@@ -124,11 +126,15 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
     return summaries
 
 
-def without_device(flags):
-    """A run's flags less `--device X`: where a row ran does not make it another row."""
+def same_run(flags):
+    """A run's flags less `--device X` and `--seed 1337` (the default): neither where a row ran nor naming the
+    default seed makes it another row."""
     flags = list(flags)
-    at = flags.index("--device") if "--device" in flags else None
-    return flags if at is None else flags[:at] + flags[at + 2:]
+    for flag, value in (("--device", None), ("--seed", "1337")):
+        at = flags.index(flag) if flag in flags else None
+        if at is not None and value in (None, flags[at + 1]):
+            flags = flags[:at] + flags[at + 2:]
+    return flags
 
 
 def results_name(study, data):

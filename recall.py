@@ -7,7 +7,10 @@ Sequences of key-value pairs, then queries of the keys (data.RecallTask): every 
 pair counts, then asked fresh sequences with exactly each count, and its generation state is counted number
 by number. The Transformer's KV cache is the yardstick; the report's model, the vector stack and the hybrid
 run at growing context sizes, the context matrix with the same parameters split into fewer, larger heads
-(a growing state), and with keys wider than its values.
+(a growing state), and with keys wider than its values; the field's fixed states beside them, an LSTM at
+growing hidden sizes and Mamba at N = 4, 16, 64 state numbers per channel, each at three learning rates.
+A model that has not left the task's first plateau says nothing about its memory, so the page also gives
+each shape at its best learning rate (as Zoology reports its recall task).
 """
 
 import time
@@ -24,7 +27,7 @@ from tqdm import tqdm
 import train
 from run_folder import load_checkpoint
 from data import RecallTask
-from experiments import RESULTS, Row, header, run_rows, write_results
+from experiments import RESULTS, Row, header, kept_rows, run_rows, write_results
 from models import model_from_checkpoint, state_size
 
 
@@ -51,12 +54,15 @@ RECALL_BUDGETS = {
                           dict(lr="8e-3", sizes=[64, 512],
                                matrices=[*(dict(width=64, heads=heads, seed=1337) for heads in (16, 8, 4, 2, 1)),
                                          *(dict(width=w, heads=2, key=32, seed=seed)
-                                           for w in (16, 32, 48) for seed in (1337, 2, 3))])]),
+                                           for w in (16, 32, 48) for seed in (1337, 2, 3))])],
+                  # the LSTM (hidden sizes) and Mamba (state numbers per channel, at the default width), each rate
+                  field=dict(rates=["2e-3", "4e-3", "8e-3"], lstm_hidden=[32, 64, 128, 256], mamba_states=[4, 16, 64])),
     # full: 256 tokens holding 4-64 pairs; 5,000 steps
     "full": dict(pairs=[4, 8, 16, 32, 64], block=256, vocab=256, steps=5000, lr="2e-3", width=128,
                  sizes=[32, 64, 128, 256, 512, 1024], default_size=128, matrix_heads=[32, 16, 8, 4, 2], default_heads=4,
                  window=16, longer=[(512, 96), (1024, 127)], more_matrices=[dict(width=128, heads=4, seed=2)],
-                 faster=[]),
+                 faster=[], field=dict(rates=["1e-3", "2e-3", "4e-3"], lstm_hidden=[64, 128, 256, 512],
+                                       mamba_states=[4, 16, 64])),
 }
 
 
@@ -89,6 +95,20 @@ def faster_recall_rows(budget, lr, sizes, matrices):
                    matrices[0])
     return rows + [matrix_row(budget, f"context matrix, lr {lr}", m, m["width"] == budget["width"], m == default)
                    for m in matrices]
+
+
+def field_recall_rows(budget, lr):
+    """The LSTM at growing hidden sizes and Mamba at growing state sizes, trained at learning rate lr."""
+    named = lambda model: model if lr == budget["lr"] else f"{model}, lr {lr}"  # noqa: E731
+    width, field = str(budget["width"]), budget["field"]
+    lstm = ["--arch", "lstm", "--embed-dim", width, "--layers", "2", "--dropout", "0.0"]
+    rows = [Row(f"{named('LSTM')}, hidden {h}", [*lstm, "--hidden-dim", str(h)],
+                extra={"model": named("LSTM"), "size": f"hidden {h}", "default": h == budget["width"]})
+            for h in field["lstm_hidden"]]
+    return rows + [Row(f"{named('Mamba')}, N {n}", [*stack_flags(budget, "mamba"), "--context-dim", width,
+                                                    "--state-dim", str(n)],
+                       extra={"model": named("Mamba"), "size": f"N {n}", "default": n == 16})
+                   for n in field["mamba_states"]]
 
 
 def stack_flags(budget, mixer="vector"):
@@ -145,10 +165,15 @@ def study_recall(args, device):
                 ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
                 str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", lr,
                 "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
-    summaries = run_rows("recall", args.budget, recall_rows(budget), common(budget["lr"]))
+    kept, _ = kept_rows("recall")  # rows finished on another machine keep their committed measurements
+    summaries = run_rows("recall", args.budget, recall_rows(budget), common(budget["lr"]), kept)
     for faster in budget["faster"]:
-        summaries += run_rows("recall", args.budget, faster_recall_rows(budget, **faster), common(faster["lr"]))
-    for s in tqdm(summaries, desc="measuring recall", unit="model"):
+        summaries += run_rows("recall", args.budget, faster_recall_rows(budget, **faster), common(faster["lr"]), kept)
+    for lr in budget["field"]["rates"]:
+        summaries += run_rows("recall", args.budget, field_recall_rows(budget, lr), common(lr), kept)
+    for s in summaries:  # kept rows come back from JSON, which keys the pair counts by text
+        s["accuracy"] = {int(n): accuracy for n, accuracy in s.get("accuracy", {}).items()}
+    for s in tqdm([s for s in summaries if not s["accuracy"]], desc="measuring recall", unit="model"):
         model = load_model(s["out_dir"], device)
         s["accuracy"] = {n: recall_accuracy(model, n, budget["vocab"], budget["block"], device) for n in budget["pairs"]}
         s["longer"] = {f"{n} pairs in {length}": recall_accuracy(model, n, budget["vocab"], length, device)
@@ -205,7 +230,30 @@ def recall_table(summaries, budget, budget_name, device, started):
                 state, hits, runs = some[0]
                 line += f"; {state:,} ({state / kv_cache:.2f}) in {hits} of {runs} seeds"
             lines.append(line)
+    lines += best_rate_table(summaries, budget)
     lines.append("\n![recall](recall.png)\n")
+    return lines
+
+
+def best_rate_table(summaries, budget):
+    """Every shape trained at more than one learning rate: its accuracy at the hardest count at each rate, and
+    the best. (Zoology reports its recall task at each model's best rate: a run still on the task's first
+    plateau says nothing about the memory.)"""
+    hardest, rates = max(budget["pairs"]), {}
+    for s in summaries:
+        family, _, lr = s["extra"]["model"].partition(", lr ")
+        shape = (family, s["extra"]["size"], s["state_floats"])
+        rates.setdefault(shape, {})[lr or budget["lr"]] = s["accuracy"][hardest]
+    tried = {shape: by_rate for shape, by_rate in rates.items() if len(by_rate) > 1}
+    if not tried:
+        return []
+    lines = [f"\nAt each shape's best learning rate ({hardest} pairs; the shapes trained at more than one rate; "
+             f"every other one at {budget['lr']} only):\n",
+             "| model | context | state (numbers) | accuracy by learning rate | best |", "|---|---|---|---|---|"]
+    for (family, size, state), by_rate in tried.items():
+        best = max(by_rate, key=by_rate.get)
+        by = ", ".join(f"{lr}: {100 * acc:.1f}%" for lr, acc in sorted(by_rate.items(), key=lambda x: float(x[0])))
+        lines.append(f"| {family} | {size} | {state:,} | {by} | {100 * by_rate[best]:.1f}% ({best}) |")
     return lines
 
 
@@ -219,7 +267,8 @@ def plot_recall(summaries, budget, path):
     models = dict.fromkeys(s["extra"]["model"] for s in summaries)
     # one colour per model, one marker per learning rate (circles: the budget's own), dashed lines for the faster
     families = list(dict.fromkeys(model.partition(", lr ")[0] for model in models))
-    rates = ["", *(faster["lr"] for faster in budget["faster"])]
+    rates = list(dict.fromkeys(["", *(faster["lr"] for faster in budget["faster"]),
+                                *(lr for lr in budget["field"]["rates"] if lr != budget["lr"])]))
     for model in models:
         family, _, lr = model.partition(", lr ")
         color = plt.rcParams["axes.prop_cycle"].by_key()["color"][families.index(family)]

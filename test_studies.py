@@ -46,6 +46,40 @@ def test_recall_page_names_the_smallest_state_past_each_bar_in_every_seed():
     assert "- Transformer, 99%: 16,384 numbers (1.00 of the KV cache) in its one seed" in lines
 
 
+def test_recall_gives_each_shape_its_best_learning_rate():
+    """Runs of one shape at several rates ("model, lr X" beside "model") are one line with the best of them; a
+    shape trained at one rate only, or another seed, is not merged in."""
+    import recall
+    budget = dict(recall.RECALL_BUDGETS["quick"], pairs=[16])
+
+    def run(model, size, state, accuracy):
+        return {"extra": {"model": model, "size": size}, "state_floats": state, "accuracy": {16: accuracy}}
+    runs = [run("LSTM", "hidden 64", 1000, 0.20), run("LSTM, lr 4e-3", "hidden 64", 1000, 0.55),
+            run("LSTM, lr 8e-3", "hidden 64", 1000, 0.40), run("LSTM", "hidden 32", 500, 0.1),
+            run("Mamba", "N 4 (seed 2)", 700, 0.3), run("Mamba, lr 8e-3", "N 4", 700, 0.6)]
+    lines = recall.best_rate_table(runs, budget)
+    assert "| LSTM | hidden 64 | 1,000 | 2e-3: 20.0%, 4e-3: 55.0%, 8e-3: 40.0% | 55.0% (4e-3) |" in lines
+    assert not any("hidden 32" in line or "Mamba" in line for line in lines)
+
+
+def test_field_recall_rows_build_and_name_their_rates():
+    """The LSTM and Mamba rows of the recall study are real train.py runs; the budget's own rate keeps the plain
+    name, the others carry theirs."""
+    import recall
+    budget = recall.RECALL_BUDGETS["quick"]
+    for lr in budget["field"]["rates"]:
+        for row in recall.field_recall_rows(budget, lr):
+            assert train.main(["--data", "recall", "--recall-vocab", "64", "--block-size", "64", *row.flags,
+                               "--dry-run"])["params"] > 0
+            assert row.name.startswith(("LSTM", "Mamba")) and (f", lr {lr}" in row.name) == (lr != budget["lr"])
+
+
+def test_naming_the_default_seed_or_a_device_is_the_same_run():
+    import experiments
+    assert experiments.same_run(["--lr", "1", "--seed", "1337", "--device", "cuda"]) == ["--lr", "1"]
+    assert experiments.same_run(["--seed", "2", "--device", "cpu"]) == ["--seed", "2"]
+
+
 def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_path, monkeypatch):
     import experiments
     monkeypatch.chdir(tmp_path)  # run_rows writes runs/experiments/ under the working folder
