@@ -70,6 +70,11 @@ LEVERS = [Row("vector stack, block 512", ["--preset", "best-newllm-cpu", "--bloc
           Row("context matrix, carried state", ["--preset", "best-matrix-cpu", "--carry-state"],
               "each batch row reads on from the state its last window ended in, gradient cut at the window",
               extra={"model": "context matrix"})]
+# second seeds: the best lever, and the preset it is measured against
+SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-newllm-cpu", "--carry-state", "--seed", "2"],
+                    group="vector stack, carried state", extra={"model": "vector stack"}),
+                Row("vector stack (seed 2)", ["--preset", "best-newllm-cpu", "--seed", "2"], group="vector stack",
+                    extra={"model": "vector stack"})]
 # training long at equal time: block 1,024 (4 sequences, the presets' 4,096 tokens a step), the same minutes each
 EQUAL_TIME = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
 EQUAL_TIME_MINUTES = 12
@@ -225,10 +230,11 @@ def study_context(args, device):
         score(summary, "nanoGPT recipe, block 64", [("ckpt.pt", "best")])
     write()
     steps = [(f"step-{s}.pt", f"step {s}") for s in SNAPSHOTS] + [("ckpt.pt", "best")]
-    for row in presets[:3] + LEVERS + equal_time_rows(device) + presets[3:]:  # each scored and written as it lands
+    for row in presets[:3] + LEVERS + SECOND_SEEDS + equal_time_rows(device) + presets[3:]:  # each written as it lands
         summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
         trained.append(summary)
-        recipe = "CPU preset, block 128" if row in presets else "equal time" if row.name in EQUAL_TIME else "lever"
+        recipe = "CPU preset, block 128" if row in presets or row.group in PRESET_ROWS else \
+            "equal time" if row.name in EQUAL_TIME else "lever"
         score(summary, recipe, steps if row in presets else steps[-1:])
         write()
 
@@ -311,30 +317,37 @@ def write_context_page(evaluated, trained, device, started):
 
 
 def plot_curves(finals, figure):
-    """One panel for nanoGPT's recipe, one for the presets and the levers at 6.1M tokens; a colour per model,
-    second seeds dashed; the Transformer's curve ends at 0 at its table."""
-    panel = lambda e: e["recipe"] if e["recipe"].startswith("nanoGPT") else "CPU presets and levers, block 128"  # noqa
-    panels = sorted({panel(e) for e in finals}, key=lambda r: not r.startswith("nanoGPT"))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    """A panel for nanoGPT's recipe, one for the CPU presets, one for the levers and the equal-time runs (with
+    the vector and matrix presets again, for reference); a colour per model, second seeds dashed; the
+    Transformer's curve ends at 0 at its table."""
+    preset = lambda e: e["recipe"] == "CPU preset, block 128"  # noqa: E731
+    panels = [("nanoGPT recipe, block 64; second seeds dashed", lambda e: e["recipe"].startswith("nanoGPT")),
+              ("CPU presets, block 128, 6.1M tokens", preset),
+              ("levers and equal time (the presets again, thin)",
+               lambda e: e["recipe"] in ("lever", "equal time") or preset(e) and e["name"] in ("vector stack",
+                                                                                             "context matrix"))]
+    panels = [(title, shown) for title, shown in panels if any(map(shown, finals))]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "navy", "darkgreen", "maroon"]
     color_of = {}
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True, squeeze=False)
-    for ax, name in zip(axes[0], panels):
-        for e in (e for e in finals if panel(e) == name):
+    for ax, (title, shown) in zip(axes[0], panels):
+        for e in filter(shown, finals):
             cuts = [int(c) for c in e["curve"]]
             values = [e["curve"][str(c)][0] for c in cuts]
             if e["table"]:
                 cuts, values = cuts + [e["table"]], values + [0.0]
             color = color_of.setdefault(e["group"], colors[len(color_of) % len(colors)])
-            second = "(seed" in e["name"]
-            ax.plot(cuts, values, marker="o", color=color, linestyle="--" if second else "-", markersize=3 if second else 5,
+            second, thin = "(seed" in e["name"], preset(e) and title.startswith("levers")
+            ax.plot(cuts, values, marker="o", color=color, linestyle="--" if second else "-",
+                    markersize=3 if second or thin else 5, linewidth=0.8 if thin else 1.5,
                     label=None if second else f"{e['name']} ({e['loss']:.3f})")
         ax.axhline(HORIZON_TOLERANCE, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1e-3)
         ax.set_xlabel("characters read (w)")
-        ax.set_title(name + ("; second seeds dashed" if name.startswith("nanoGPT") else ""))
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
     axes[0][0].set_ylabel("loss above reading everything (nats)")
     fig.suptitle("How far back each model reads (the Transformer's curve ends at its table)")
     fig.tight_layout()
