@@ -42,7 +42,7 @@ from data import load_dataset
 from delta_rule import at_least_float32
 from experiments import RESULTS, Row, committed_results, header, kept_rows, run_rows, write_results
 from models import build_model, model_from_checkpoint
-from run_folder import load_checkpoint, read_json, write_json
+from run_folder import load_checkpoint, read_json, read_log, write_json
 
 CUTS = [8, 16, 32, 64, 128, 256, 512, 1024]
 SEGMENT, SCORED_FROM = 2048, 1024  # positions SCORED_FROM .. SEGMENT - 1 of each segment are scored
@@ -76,8 +76,11 @@ SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-n
                 Row("vector stack (seed 2)", ["--preset", "best-newllm-cpu", "--seed", "2"], group="vector stack",
                     extra={"model": "vector stack"})]
 # training long at equal time: block 1,024 (4 sequences, the presets' 4,096 tokens a step), the same minutes each
-EQUAL_TIME = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
-EQUAL_TIME_MINUTES = 12
+# (at the presets' dropout 0.1 the Transformer's attention at this length runs 5x slower on a CPU than at dropout
+# 0, so the pair runs twice: as the presets train, and at dropout 0, for 6 minutes each)
+EQUAL_TIME_MODELS = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
+EQUAL_TIME_PAIRS = {"": ([], 12), ", dropout 0": (["--dropout", "0"], 6)}  # name suffix: (flags, minutes)
+EQUAL_TIME = [name + suffix for suffix in EQUAL_TIME_PAIRS for name in EQUAL_TIME_MODELS]
 
 
 # -----------------------------------------------------------------------------
@@ -240,26 +243,28 @@ def study_context(args, device):
 
 
 def equal_time_rows(device):
-    """The equal-time rows: each model trains for EQUAL_TIME_MINUTES of optimiser steps, the number of steps set
-    from its median training step timed here as the study starts (bench.py's timing; nothing else may run then)
-    and kept in the study's folder, so that a resumed study trains the same rows."""
+    """The equal-time rows: each pair's models train for the same minutes of optimiser steps, the number of steps
+    set from the model's median training step timed here as the study starts (bench.py's timing; nothing else may
+    run then) and kept in the study's folder, so that a resumed study trains the same rows."""
     kept_path = Path("runs/experiments/context-quick/equal-time.json")
     timed = read_json(kept_path) if kept_path.exists() else {}
     rows = []
-    for name, preset in EQUAL_TIME.items():
-        flags = ["--preset", preset, "--block-size", "1024", "--batch-size", "4"]
-        if name not in timed:
-            args = train.parse_args(flags)
-            torch.manual_seed(0)
-            model = build_model(args.arch, **train.model_config_from_args(args, 65)).to(device)
-            tokens_per_s = bench.train_throughput(model, 1024, 4096, device, repeats=7)
-            timed[name] = {"tokens_per_s": tokens_per_s, "steps": round(EQUAL_TIME_MINUTES * 60 * tokens_per_s / 4096)}
-            kept_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(kept_path, timed)
-        steps = timed[name]["steps"]
-        rows.append(Row(name, [*flags, "--max-iters", str(steps), "--eval-interval", str(max(1, steps // 15))],
-                        f"block 1,024 for {EQUAL_TIME_MINUTES} minutes of training steps here: {steps:,} steps "
-                        f"(timed at {timed[name]['tokens_per_s']:,.0f} tokens/s)", extra={"model": name.split(",")[0]}))
+    for suffix, (pair_flags, minutes) in EQUAL_TIME_PAIRS.items():
+        for model_name, preset in EQUAL_TIME_MODELS.items():
+            name, flags = model_name + suffix, ["--preset", preset, "--block-size", "1024", "--batch-size", "4", *pair_flags]
+            if name not in timed:
+                args = train.parse_args(flags)
+                torch.manual_seed(0)
+                model = build_model(args.arch, **train.model_config_from_args(args, 65)).to(device)
+                tokens_per_s = bench.train_throughput(model, 1024, 4096, device, repeats=7)
+                timed[name] = {"tokens_per_s": tokens_per_s, "steps": round(minutes * 60 * tokens_per_s / 4096)}
+                kept_path.parent.mkdir(parents=True, exist_ok=True)
+                write_json(kept_path, timed)
+            steps = timed[name]["steps"]
+            rows.append(Row(name, [*flags, "--max-iters", str(steps), "--eval-interval", str(max(1, steps // 15))],
+                            f"block 1,024 for {minutes} minutes of training steps here: {steps:,} steps "
+                            f"(timed at {timed[name]['tokens_per_s']:,.0f} tokens/s)", group=name,
+                            extra={"model": model_name.split(",")[0]}))
     return rows
 
 
@@ -309,11 +314,47 @@ def write_context_page(evaluated, trained, device, started):
             median = "no gate: forever" if g["median"] is None else f"{g['median']:.2f}"
             lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {median} | "
                          + " | ".join(f"{100 * g['beyond'][n]:.1f}%" for n in ("64", "256", "1024")) + " |")
+    lines += equal_time_section(finals, trained)
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
     write_results("context", "\n".join(lines) + "\n", {"started": started, "rows": trained, "evaluated": evaluated},
                   [figure])
+
+
+def equal_time_section(finals, trained):
+    """The equal-time runs side by side: what each got from its minutes, its loss at its own length (validation
+    windows of 1,024 from a zero state) and reading everything, and its best validation loss within the shorter
+    of the two training times (the timing that sets the steps is not exact)."""
+    if not any(s["name"] in EQUAL_TIME for s in trained):
+        return []
+    lines = ["\n## Training long at equal time\n",
+             "Block 1,024, batch 4 (4,096 tokens a step), the two models of a pair for the same minutes of training "
+             "steps on this machine, the number of steps set from a timing of each model's step first (the row's "
+             "note; the timing is not exact, so the table also gives each model's best validation loss within the "
+             "shorter of the pair's two training times). Validation loss at 1,024: random windows of 1,024 "
+             "characters, each read from a zero state.\n",
+             "| model | steps | tokens | training time | validation loss at 1,024 | the same, within the pair's "
+             "shorter time | loss reading everything | horizon |", "|---|---|---|---|---|---|---|---|"]
+    for suffix in EQUAL_TIME_PAIRS:
+        pair = [s for s in trained if s["name"] in [name + suffix for name in EQUAL_TIME_MODELS]]
+        lines += equal_time_lines(pair, finals)
+    return lines
+
+
+def equal_time_lines(runs, finals):
+    """The table's lines for one pair."""
+    lines, slowest = [], min((s["train_time_s"] for s in runs), default=0)
+    for s in runs:
+        log_path = Path(s["out_dir"]) / "log.jsonl"
+        log = read_log(log_path) if log_path.exists() else []
+        in_time = [r["val_loss"] for r in log if r["train_time_s"] <= slowest * 1.02]  # 2%: evaluations fall between
+        e = next((e for e in finals if e["name"] == s["name"]), None)
+        within = f"{min(in_time):.4f}" if in_time else "—"
+        reading = f"{e['loss']:.4f} | {e['horizon']:,}" if e else "— | —"
+        lines.append(f"| {s['name']} | {s['steps']:,} | {s['tokens'] / 1e6:.1f}M | {s['train_time_s'] / 60:.1f} min | "
+                     f"{s['best_val_loss']:.4f} | {within} ({slowest / 60:.1f} min) | {reading} |")
+    return lines
 
 
 def plot_curves(finals, figure):
