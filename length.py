@@ -99,7 +99,8 @@ def write_length_page(measured, device, started):
 def plot_positions(measured, figure):
     """Per recipe, a column: on top the loss against position (log axis) reading everything, below the gap to
     reading cut to the training length (dashed line: the training length); one colour per model."""
-    recipes = sorted({m["recipe"] for m in measured}, key=lambda r: not r.startswith("nanoGPT"))
+    order = ["nanoGPT", "CPU preset", "lever", "equal time"]  # as the context study trains them
+    recipes = sorted({m["recipe"] for m in measured}, key=lambda r: [r.startswith(o) for o in order].index(True))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     centres = [math.sqrt((a + 1) * b) for a, b in zip(EDGES, EDGES[1:])]  # geometric middle of each bucket
     fig, axes = plt.subplots(2, len(recipes), figsize=(6.5 * len(recipes), 8), sharex=True, squeeze=False)
@@ -111,7 +112,8 @@ def plot_positions(measured, figure):
             gap_ax.errorbar(centres, [x for x, _ in m["gap"]], yerr=[e for _, e in m["gap"]], marker="o", color=color,
                             capsize=2, label=m["name"])
         for ax in (loss_ax, gap_ax):
-            ax.axvline(m["block_size"], color="grey", linewidth=0.8, linestyle="--")
+            for block in {m["block_size"] for m in measured if m["recipe"] == recipe}:  # the training lengths
+                ax.axvline(block, color="grey", linewidth=0.8, linestyle="--")
             ax.set_xscale("log", base=2)
             ax.grid(alpha=0.3)
         gap_ax.axhline(0, color="black", linewidth=0.8)
