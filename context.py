@@ -19,8 +19,11 @@ repeat at a lower loss than the control.
 
 The models: every model of the nanogpt-cpu study (1.5M tokens at block 64, two seeds), and the
 CPU presets trained 1,500 steps at block 128 (6.1M tokens) with snapshots near 1.2M and 4.9M
-tokens, the horizon along training; then the levers meant to make a fixed state carry more.
-Runs the studies have trained are reused; an evaluation is kept beside its checkpoint.
+tokens, the horizon along training; then the levers meant to make a fixed state carry more (a
+state carried across batches, longer blocks, floors on the gates, no gate), and the Transformer
+and the vector stack trained at block 1,024 for the same minutes each (at the presets' dropout,
+then at dropout 0). Runs the studies have trained are reused; an evaluation is kept beside its
+checkpoint.
 """
 
 import json
