@@ -13,7 +13,6 @@ A model that has not left the task's first plateau says nothing about its memory
 each shape at its best learning rate (as Zoology reports its recall task).
 """
 
-import time
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -158,31 +157,41 @@ def state_floats(model, length, device):
 
 
 def study_recall(args, device):
-    started = time.time()
     budget = RECALL_BUDGETS[args.budget]
     def common(lr):
         return ["--data", "recall", "--recall-vocab", str(budget["vocab"]), "--recall-pairs",
                 ",".join(map(str, budget["pairs"])), "--recall-queries", str(budget["block"]), "--block-size",
                 str(budget["block"]), "--batch-size", "32", "--max-iters", str(budget["steps"]), "--lr", lr,
                 "--eval-interval", str(budget["steps"] // 5), "--eval-iters", "8", "--device", args.device]
-    kept, _ = kept_rows("recall")  # rows finished on another machine keep their committed measurements
-    summaries = run_rows("recall", args.budget, recall_rows(budget), common(budget["lr"]), kept)
-    for faster in budget["faster"]:
-        summaries += run_rows("recall", args.budget, faster_recall_rows(budget, **faster), common(faster["lr"]), kept)
-    for lr in budget["field"]["rates"]:
-        summaries += run_rows("recall", args.budget, field_recall_rows(budget, lr), common(lr), kept)
-    for s in summaries:  # kept rows come back from JSON, which keys the pair counts by text
-        s["accuracy"] = {int(n): accuracy for n, accuracy in s.get("accuracy", {}).items()}
-    for s in tqdm([s for s in summaries if not s["accuracy"]], desc="measuring recall", unit="model"):
-        model = load_model(s["out_dir"], device)
-        s["accuracy"] = {n: recall_accuracy(model, n, budget["vocab"], budget["block"], device) for n in budget["pairs"]}
-        s["longer"] = {f"{n} pairs in {length}": recall_accuracy(model, n, budget["vocab"], length, device)
-                       for length, n in budget["longer"] if model.max_len is None}
-        s["state_floats"] = state_floats(model, budget["block"], device)
-    lines = recall_table(summaries, budget, args.budget, device, started)
-    figure = RESULTS / "recall.png"
-    plot_recall(summaries, budget, figure)
-    write_results("recall", "\n".join(lines) + "\n", {"budget": args.budget, "rows": summaries}, [figure])
+    kept, started = kept_rows("recall")  # rows finished on another machine keep their committed measurements
+    groups = [(recall_rows(budget), budget["lr"])]
+    groups += [(faster_recall_rows(budget, **faster), faster["lr"]) for faster in budget["faster"]]
+    for family in ("LSTM", "Mamba"):  # the LSTM's rates first: its runs take minutes, Mamba's up to an hour
+        groups += [([r for r in field_recall_rows(budget, lr) if r.extra["model"].startswith(family)], lr)
+                   for lr in budget["field"]["rates"]]
+    finished = []
+
+    def write(summaries):
+        """Measure what is new, then write the page with every row finished so far."""
+        for s in summaries:  # kept rows come back from JSON, which keys the pair counts by text
+            s["accuracy"] = {int(n): accuracy for n, accuracy in s.get("accuracy", {}).items()}
+        for s in tqdm([s for s in summaries if not s["accuracy"]], desc="measuring recall", unit="model"):
+            model = load_model(s["out_dir"], device)
+            s["accuracy"] = {n: recall_accuracy(model, n, budget["vocab"], budget["block"], device)
+                             for n in budget["pairs"]}
+            s["longer"] = {f"{n} pairs in {length}": recall_accuracy(model, n, budget["vocab"], length, device)
+                           for length, n in budget["longer"] if model.max_len is None}
+            s["state_floats"] = state_floats(model, budget["block"], device)
+        lines = recall_table(summaries, budget, args.budget, device, started)
+        figure = RESULTS / "recall.png"
+        plot_recall(summaries, budget, figure)
+        write_results("recall", "\n".join(lines) + "\n", {"budget": args.budget, "started": started, "rows": summaries},
+                      [figure])
+
+    for rows, lr in groups:  # each new row measured and written as it lands
+        finished += run_rows("recall", args.budget, rows, common(lr), kept,
+                             after_each=lambda batch: write(finished + batch))
+    write(finished)
 
 
 def recall_table(summaries, budget, budget_name, device, started):
@@ -274,7 +283,7 @@ def plot_recall(summaries, budget, path):
         color = plt.rcParams["axes.prop_cycle"].by_key()["color"][families.index(family)]
         marker, line = "o^sD"[rates.index(lr)], "--" if lr else "-"
         runs = sorted((s for s in summaries if s["extra"]["model"] == model), key=lambda s: s["state_floats"])
-        shown = next(s for s in runs if s["extra"]["default"])
+        shown = next((s for s in runs if s["extra"]["default"]), runs[0])  # a study cut short may lack the default
         size = f" ({shown['extra']['size']})" if shown["extra"]["size"] != "—" else ""
         by_pairs.plot(budget["pairs"], [100 * shown["accuracy"][n] for n in budget["pairs"]], marker=marker,
                       linestyle=line, color=color, label=model + size)
