@@ -17,6 +17,10 @@ the d characters that follow it in the text, then the same passage again (d = 64
 against a control with an unrelated passage first. A model that keeps the passage reads the
 repeat at a lower loss than the control.
 
+A third reading separates a model that reads far back from one that only starts badly: the curve again with each
+window read after 256 characters of unrelated validation text instead of from a zero state (models with a state,
+best checkpoints of the presets, levers and equal-time runs).
+
 The models: every model of the nanogpt-cpu study (1.5M tokens at block 64, two seeds), and the
 CPU presets trained 1,500 steps at block 128 (6.1M tokens) with snapshots near 1.2M and 4.9M
 tokens, the horizon along training; then the levers meant to make a fixed state carry more (a
@@ -52,6 +56,7 @@ SEGMENT, SCORED_FROM = 2048, 1024  # positions SCORED_FROM .. SEGMENT - 1 of eac
 SEGMENTS = 32  # of the 54 in Tiny Shakespeare's validation text: enough for a spread of ~0.001 nats
 HORIZON_TOLERANCE = 0.002  # nats: within this of no cut, the model has read all it uses
 PASSAGE, GAPS, PASSAGES = 200, [64, 256, 1024, 4096], 32
+OTHER_TEXT, OTHER_TEXT_CUTS = 256, CUTS[2:]  # the curve read after other text: its length, and the cuts read
 TOKENS_PER_FORWARD = 16384  # evaluation batches stay this size (Mamba's state is 16 numbers per channel)
 SNAPSHOTS = [300, 1200]  # of the presets' 1,500 steps of 4,096 tokens: 1.2M, 4.9M (and 6.1M at the end)
 
@@ -91,10 +96,11 @@ EQUAL_TIME = [name + suffix for suffix in EQUAL_TIME_PAIRS for name in EQUAL_TIM
 
 
 @torch.no_grad()
-def position_losses(model, tokens, cut=None):
+def position_losses(model, tokens, cut=None, before=None):
     """tokens (S, L + 1) -> (S, L): the loss of predicting tokens[:, p + 1] at each position p, reading at most
     the last `cut` characters (cut/2 + 1 to cut of them: windows of `cut` every cut/2, each scoring its second
-    half, the first window all of it); cut=None: everything from the start of the row."""
+    half, the first window all of it); cut=None: everything from the start of the row. before (S, P): other text
+    each window of its row is read after, in place of reading from a zero state."""
     S, L = tokens.size(0), tokens.size(1) - 1
     if cut is None:
         return _losses(model, tokens[:, :-1], tokens[:, 1:])
@@ -103,8 +109,10 @@ def position_losses(model, tokens, cut=None):
     half = cut // 2
     pad = max(cut, -(-L // half) * half) - L  # to a whole number of half-windows, at least one window
     x, y = (F.pad(t, (0, pad)) for t in (tokens[:, :-1], tokens[:, 1:]))
-    windows = lambda t: t.unfold(1, cut, half).flatten(0, 1)  # noqa: E731  (S * n, cut)
-    losses = _losses(model, windows(x), windows(y)).unflatten(0, (S, -1))  # (S, n, cut)
+    n = x.unfold(1, cut, half).size(1)
+    prefix = x.new_zeros(S, 0) if before is None else before
+    windows = lambda t: torch.cat([prefix[:, None].expand(-1, n, -1), t.unfold(1, cut, half)], 2).flatten(0, 1)  # noqa: E731
+    losses = _losses(model, windows(x), windows(y))[:, prefix.size(1) :].unflatten(0, (S, -1))  # (S, n, cut)
     return torch.cat([losses[:, 0, :half], losses[:, :, half:].flatten(1)], dim=1)[:, :L]
 
 
@@ -127,10 +135,33 @@ def context_curve(model, val):
     for cut in (c for c in CUTS if longest is None or c < longest):
         excess = position_losses(model, segments, cut)[:, SCORED_FROM:].mean(1) - reference
         curve[cut] = (excess.mean().item(), 2 * excess.std().item() / math.sqrt(len(excess)))
-    within = [cut for cut in curve if all(curve[c][0] <= HORIZON_TOLERANCE for c in curve if c >= cut)]
-    horizon = min(within) if within else None
+    horizon = horizon_of(curve)
     return {"curve": curve, "loss": reference.mean().item(), "horizon": horizon or longest or SEGMENT,
             "reads_all": horizon is None, "segments": len(segments), "table": longest}
+
+
+def horizon_of(curve):
+    """The smallest w from which on the loss stays within the tolerance of no cut; None: no such w."""
+    within = [cut for cut in curve if all(curve[c][0] <= HORIZON_TOLERANCE for c in curve if c >= cut)]
+    return min(within) if within else None
+
+
+def after_other_text(model, val):
+    """The curve again, each window read after OTHER_TEXT characters of unrelated validation text (another
+    segment's start) instead of from a zero state. A state trained to read on from where it was never starts
+    from zero; read this way it does not either, so what is left above no cut is what the model takes from
+    further back than w. None for the Transformer (its table is shorter than the other text)."""
+    if model.max_len is not None:
+        return None
+    segments = val[: SEGMENTS * (SEGMENT + 1)].view(-1, SEGMENT + 1)
+    other = segments.roll(len(segments) // 2, 0)[:, :OTHER_TEXT]
+    reference = position_losses(model, segments)[:, SCORED_FROM:].mean(1)
+    curve = {}
+    for cut in OTHER_TEXT_CUTS:  # only the windows that reach the scored positions
+        losses = position_losses(model, segments[:, SCORED_FROM - cut :], cut, other)[:, cut:]
+        excess = losses.mean(1) - reference
+        curve[cut] = (excess.mean().item(), 2 * excess.std().item() / math.sqrt(len(excess)))
+    return {"curve": curve, "horizon": horizon_of(curve)}
 
 
 def repeat_probe(model, val):
@@ -219,7 +250,11 @@ def study_context(args, device):
                 result = evaluate(path, val, device)
                 gates = kept_beside(path, "gates", [4096], lambda model: {"gates": gate_half_lives(model, val.to(device))},
                                     device)["gates"]
+                other = kept_beside(path, "other-text", [OTHER_TEXT_CUTS, SEGMENT, SCORED_FROM, SEGMENTS, OTHER_TEXT],
+                                    lambda model: {"other": after_other_text(model, val.to(device))},
+                                    device)["other"] if label == "best" and not recipe.startswith("nanoGPT") else None
                 evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe, gates=gates,
+                                      other_text=other,
                                       checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
             elif (summary["name"], label) in scored_before:
                 evaluated.append(scored_before[summary["name"], label])
@@ -285,15 +320,9 @@ def write_context_page(evaluated, trained, device, started):
              "| model | recipe | checkpoint | tokens | loss, no cut | " + " | ".join(f"w={c}" for c in CUTS)
              + " | horizon |", "|" + "---|" * (len(CUTS) + 6)]
     for e in evaluated:
-        cells = []
-        for cut in CUTS:
-            mean, spread = e["curve"].get(str(cut), (None, None))
-            cells.append("—" if mean is None else f"{round(mean, 4) + 0.0:+.4f}"  # + 0.0: no "-0.0000"
-                         + (f" ± {spread:.3f}" if spread > 0.001 else ""))
-        horizon = f"> {CUTS[-1]:,}" if e["reads_all"] and not e["table"] else \
-            f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "")
+        cells = [excess_cell(e["curve"].get(str(cut))) for cut in CUTS]
         lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {e['tokens'] / 1e6:.1f}M | "
-                     f"{e['loss']:.4f} | " + " | ".join(cells) + f" | {horizon} |")
+                     f"{e['loss']:.4f} | " + " | ".join(cells) + f" | {horizon_cell(e)} |")
     lines += ["\n## The repeated passage\n",
               f"A {PASSAGE}-character validation passage, the d characters that follow it in the text, then the "
               f"passage again; as a control, an unrelated passage in place of the first copy ({PASSAGES} passages). "
@@ -317,12 +346,50 @@ def write_context_page(evaluated, trained, device, started):
             median = "no gate: forever" if g["median"] is None else f"{g['median']:.2f}"
             lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {median} | "
                          + " | ".join(f"{100 * g['beyond'][n]:.1f}%" for n in ("64", "256", "1024")) + " |")
+    lines += other_text_section(finals)
     lines += equal_time_section(finals, trained)
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
     write_results("context", "\n".join(lines) + "\n", {"started": started, "rows": trained, "evaluated": evaluated},
                   [figure])
+
+
+def excess_cell(point):
+    """One point of a curve, (mean, spread) or None where the model was not read at that w."""
+    if point is None:
+        return "—"
+    mean, spread = point
+    return f"{round(mean, 4) + 0.0:+.4f}" + (f" ± {spread:.3f}" if spread > 0.001 else "")  # + 0.0: no "-0.0000"
+
+
+def horizon_cell(e):
+    """A row's memory horizon as the curve's table gives it."""
+    if e["reads_all"] and not e["table"]:
+        return f"> {CUTS[-1]:,}"
+    return f"{e['horizon']:,}" + (" (its table)" if e["table"] and e["horizon"] == e["table"] else "")
+
+
+def other_text_section(finals):
+    """The curve read after other text beside the horizon read from a zero state, for the models with a state."""
+    read = [e for e in finals if e.get("other_text")]
+    if not read:
+        return []
+    lines = ["\n## The cut read after other text\n",
+             f"The curve again, each window read after {OTHER_TEXT} characters of unrelated validation text instead of "
+             "from a zero state: a model trained on a state carried across batches never starts from zero, and "
+             "part of its loss at a cut from zero is that start. Either way nothing of the real text before the "
+             "window is read, so a model that takes nothing from there is at 0 in both readings: the zero state adds "
+             "the cost of starting, the other text the cost of a wrong past. Loss above reading everything; the "
+             "horizon from a zero state (the curve above) beside the one after other text.\n",
+             "| model | recipe | horizon from zero | " + " | ".join(f"w={c}" for c in OTHER_TEXT_CUTS)
+             + " | horizon after other text |", "|" + "---|" * (len(OTHER_TEXT_CUTS) + 4)]
+    for e in read:
+        curve, horizon = e["other_text"]["curve"], e["other_text"]["horizon"]
+        cells = [excess_cell(curve[str(c)]) for c in OTHER_TEXT_CUTS]
+        lines.append(f"| {e['name']} | {e['recipe']} | {horizon_cell(e)} | " + " | ".join(cells)
+                     + f" | {f'> {CUTS[-1]:,}' if horizon is None else f'{horizon:,}'} |")
+    return lines
 
 
 def equal_time_section(finals, trained):

@@ -293,16 +293,37 @@ def test_reading_cut_to_w_characters_is_the_model_reading_only_those(name):
     import context
     from test_models import V, tiny
     model = tiny(name).double()
-    tokens = torch.randint(V, (2, 41))
-    cuts = [8, 16] if name == "transformer" else [4, 8, None]
-    for cut in cuts:
-        got = context.position_losses(model, tokens, cut)
+    tokens, other = torch.randint(V, (2, 41)), torch.randint(V, (2, 6))
+    readings = [(8, None), (16, None)] if name == "transformer" else [(4, None), (8, None), (None, None), (4, other),
+                                                                       (8, other)]
+    for cut, before in readings:  # before: other text each window is read after
+        got = context.position_losses(model, tokens, cut, before)
         assert got.shape == (2, 40)
         for p in range(40):
             start = 0 if cut is None or p < cut else (p - cut // 2) // (cut // 2) * (cut // 2)
-            logits, _ = model(tokens[:, start : p + 1])
+            read = tokens[:, start : p + 1] if before is None else torch.cat([before, tokens[:, start : p + 1]], 1)
+            logits, _ = model(read)
             expected = torch.nn.functional.cross_entropy(logits[:, -1], tokens[:, p + 1], reduction="none")
-            assert torch.allclose(got[:, p], expected, atol=1e-10), (cut, p)
+            assert torch.allclose(got[:, p], expected, atol=1e-10), (cut, p, before is not None)
+
+
+def test_the_cut_after_other_text_reads_each_scored_position_after_another_segments_start(monkeypatch):
+    """context.after_other_text scores only the windows that reach the scored positions: the same losses as reading
+    the whole segment in windows, each after the first characters of the segment half the segments away."""
+    import context
+    from test_models import V, tiny
+    for constant, value in (("SEGMENT", 48), ("SCORED_FROM", 24), ("SEGMENTS", 4), ("OTHER_TEXT", 6),
+                            ("OTHER_TEXT_CUTS", [4, 8])):
+        monkeypatch.setattr(context, constant, value)
+    model = tiny("mamba").double()
+    val = torch.randint(V, (4 * 49 + 3,))
+    got = context.after_other_text(model, val)
+    segments = val[: 4 * 49].view(4, 49)
+    reference = context.position_losses(model, segments)[:, 24:].mean(1)
+    for cut in (4, 8):
+        whole = context.position_losses(model, segments, cut, segments[[2, 3, 0, 1], :6])[:, 24:].mean(1)
+        assert got["curve"][cut][0] == pytest.approx((whole - reference).mean().item(), rel=1e-9)
+    assert context.after_other_text(tiny("transformer"), val) is None
 
 
 def test_loss_by_position_buckets_and_the_gap_past_the_training_length(monkeypatch):
