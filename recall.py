@@ -47,9 +47,11 @@ RECALL_BUDGETS = {
                                  *(dict(width=40, heads=2, key=40, seed=seed) for seed in (1337, 2, 3)),
                                  *(dict(width=56, heads=2, key=32, seed=seed) for seed in (1337, 2, 3))],
                   # the same runs learn faster at a higher rate (every one above is still improving at its last
-                  # step): the vector stack and the matrix series again at 8e-3, and the narrow shapes in three seeds
-                  faster=[dict(lr="4e-3", sizes=[], matrices=[dict(width=48, heads=2, key=32, seed=seed)
-                                                                for seed in (1337, 2, 3)]),
+                  # step): each vector model at two sizes and the matrix series again at 4e-3 and 8e-3 (three rates
+                  # in all), and the narrow shapes in three seeds
+                  faster=[dict(lr="4e-3", sizes=[64, 512],
+                               matrices=[*(dict(width=48, heads=2, key=32, seed=seed) for seed in (1337, 2, 3)),
+                                         *(dict(width=64, heads=heads, seed=1337) for heads in (16, 8, 4, 2, 1))]),
                           dict(lr="8e-3", sizes=[64, 512],
                                matrices=[*(dict(width=64, heads=heads, seed=1337) for heads in (16, 8, 4, 2, 1)),
                                          *(dict(width=w, heads=2, key=32, seed=seed)
@@ -68,17 +70,10 @@ RECALL_BUDGETS = {
 def recall_rows(budget):
     """The Transformer; the report's model, the vector stack and the hybrid at growing context sizes; the
     context matrix at one width with fewer, larger heads (the same parameters, a growing state)."""
-    width, hidden = str(budget["width"]), str(2 * budget["width"])
-    common_model = ["--embed-dim", width, "--dropout", "0.0"]
-    models = {
-        "seed New-LLM": ["--arch", "newllm", *common_model, "--layers", "2", "--hidden-dim", hidden],
-        "vector stack": stack_flags(budget),
-        "hybrid (local window)": [*stack_flags(budget), "--local-window", str(budget["window"]),
-                                  "--heads", "4"],
-    }
+    common_model = ["--embed-dim", str(budget["width"]), "--dropout", "0.0"]
     rows = [Row("Transformer", ["--arch", "transformer", *common_model, "--heads", "4", "--layers", "2",
                                 "--init", "torch"], extra={"model": "Transformer", "size": "—", "default": True})]
-    for model, flags in models.items():
+    for model, flags in vector_models(budget).items():
         rows += [vector_row(budget, model, flags, size) for size in budget["sizes"]]
     series = [dict(width=budget["width"], heads=heads, seed=1337) for heads in budget["matrix_heads"]]
     default = series[budget["matrix_heads"].index(budget["default_heads"])]
@@ -86,10 +81,18 @@ def recall_rows(budget):
                    for m in series + budget["more_matrices"]]
 
 
+def vector_models(budget):
+    """The models whose state is one vector, by name: their flags but the context size."""
+    return {"seed New-LLM": ["--arch", "newllm", "--embed-dim", str(budget["width"]), "--dropout", "0.0", "--layers",
+                             "2", "--hidden-dim", str(2 * budget["width"])],
+            "vector stack": stack_flags(budget),
+            "hybrid (local window)": [*stack_flags(budget), "--local-window", str(budget["window"]), "--heads", "4"]}
+
+
 def faster_recall_rows(budget, lr, sizes, matrices):
-    """The vector stack and the context matrix again, trained at learning rate lr."""
-    model = f"vector stack, lr {lr}"
-    rows = [vector_row(budget, model, stack_flags(budget), size) for size in sizes]
+    """The vector models and the context matrix again, trained at learning rate lr."""
+    rows = [vector_row(budget, f"{model}, lr {lr}", flags, size)
+            for model, flags in vector_models(budget).items() for size in sizes]
     default = next((m for m in matrices if m["width"] == budget["width"] and m["heads"] == budget["default_heads"]),
                    matrices[0])
     return rows + [matrix_row(budget, f"context matrix, lr {lr}", m, m["width"] == budget["width"], m == default)
