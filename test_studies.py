@@ -23,7 +23,10 @@ def test_improvement_rows_match_the_transformer_within_5_percent():
     rows, target = experiments.improvement_rows(scale, vocab_size=65)
     assert rows[0].name == "Transformer" and len(rows) == 9
     assert [row.extra["mixer"] for row in rows[-2:]] == ["matrix", "matrix"]  # few large heads, many small ones
-    for row in rows[1:]:
+    field = experiments.field_rows(scale, target, 65)
+    assert [row.name for row in field] == ["LSTM", "LSTM (seed 2)", "Mamba", "Mamba (seed 2)"]
+    assert field[1].flags == [*field[0].flags, "--seed", "2"] and field[3].flags == [*field[2].flags, "--seed", "2"]
+    for row in rows[1:] + field:
         params = experiments.count_for([*scale["common"], *row.flags], 65)
         assert abs(params - target) / target < 0.05, (row.name, params, target)
 
