@@ -102,15 +102,15 @@ def position_losses(model, tokens, cut=None, before=None):
     half, the first window all of it); cut=None: everything from the start of the row. before (S, P): other text
     each window of its row is read after, in place of reading from a zero state."""
     S, L = tokens.size(0), tokens.size(1) - 1
+    prefix = tokens.new_zeros(S, 0) if before is None else before
     if cut is None:
-        return _losses(model, tokens[:, :-1], tokens[:, 1:])
+        return _losses(model, *(torch.cat([prefix, t], 1) for t in (tokens[:, :-1], tokens[:, 1:])))[:, prefix.size(1) :]
     if cut % 2:
         raise ValueError(f"the reading is cut to an even number of characters (got {cut})")
     half = cut // 2
     pad = max(cut, -(-L // half) * half) - L  # to a whole number of half-windows, at least one window
     x, y = (F.pad(t, (0, pad)) for t in (tokens[:, :-1], tokens[:, 1:]))
     n = x.unfold(1, cut, half).size(1)
-    prefix = x.new_zeros(S, 0) if before is None else before
     windows = lambda t: torch.cat([prefix[:, None].expand(-1, n, -1), t.unfold(1, cut, half)], 2).flatten(0, 1)  # noqa: E731
     losses = _losses(model, windows(x), windows(y))[:, prefix.size(1) :].unflatten(0, (S, -1))  # (S, n, cut)
     return torch.cat([losses[:, 0, :half], losses[:, :, half:].flatten(1)], dim=1)[:, :L]

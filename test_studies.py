@@ -298,7 +298,7 @@ def test_reading_cut_to_w_characters_is_the_model_reading_only_those(name):
     model = tiny(name).double()
     tokens, other = torch.randint(V, (2, 41)), torch.randint(V, (2, 6))
     readings = [(8, None), (16, None)] if name == "transformer" else [(4, None), (8, None), (None, None), (4, other),
-                                                                       (8, other)]
+                                                                       (8, other), (None, other)]
     for cut, before in readings:  # before: other text each window is read after
         got = context.position_losses(model, tokens, cut, before)
         assert got.shape == (2, 40)
