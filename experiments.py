@@ -290,7 +290,10 @@ def study_improvements(args, device):
     more, best_vector = follow_up_rows(scale, summaries, rows, target, dataset.tokenizer.vocab_size)
     summaries += run_rows(name, args.budget, more, common, kept)
     field = field_rows(scale, target, dataset.tokenizer.vocab_size)  # the slowest last, each written as it lands
-    write = lambda batch: write_improvements(args, device, name, started, target, rows, summaries + batch, best_vector)  # noqa: E731
+
+    def write(field_summaries):
+        write_improvements(args, device, name, started, target, rows, summaries + field_summaries, best_vector)
+
     write(run_rows(name, args.budget, field, common, kept, after_each=write))
 
 
