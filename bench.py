@@ -363,7 +363,7 @@ def measure_engine(results, device, repeats, rounds):
     torch.manual_seed(0)
     first = build_model("newllm", vocab_size=VOCAB, block_size=defaults.block_size, context_dim=256).to(device)
     cases = {name: (make(name, max(lengths), device)[0], lengths, tokens)
-             for name in ("transformer", "newllm-stack", "matrix-stack")}
+             for name in ("transformer", "newllm-stack", "matrix-stack", "mamba-stack")}
     cases["first command"] = (first, [defaults.block_size], defaults.batch_size * defaults.block_size)
     found = results["engine"] = {}
     print(f"fast.py's pieces: training tokens/s with each on and off, and each piece's gain ({rounds} rounds)")

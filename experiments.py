@@ -56,13 +56,14 @@ def slug(name):
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_diverge=False):
+def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_diverge=False, train_new=True):
     """Train every row (skipping finished ones, resuming interrupted ones); return their summaries.
 
     kept: summaries of finished rows from results/<study>.json (committed), reused when a row's flags are
     unchanged, so a study spread over several machines never trains a finished row again. after_each(summaries)
     runs after every newly finished row (to write partial results). may_diverge: a run whose loss stops being
-    finite is recorded as diverged (a learning-rate sweep's too-high rates) instead of stopping the study."""
+    finite is recorded as diverged (a learning-rate sweep's too-high rates) instead of stopping the study.
+    train_new=False trains nothing: the summaries of the rows finished already."""
     study_dir = Path("runs/experiments") / f"{study}-{budget}"
     kept = {s["name"]: s for s in kept or []}
 
@@ -94,6 +95,8 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
             return dict(saved, **labels_of(row))
         return None
 
+    if not train_new:
+        return [s for s in map(finished, rows) if s]
     summaries = []
     bar = tqdm(rows, desc=f"{study} ({budget})", unit="run", dynamic_ncols=True)
     for i, row in enumerate(bar):

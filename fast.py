@@ -19,6 +19,8 @@ projection) with that function's arguments.
     report_loop   newllm.ContextCell.forward, for the report's own update (no gate, no norm): the loop
                   over positions with its backward pass written out, each weight's gradient summed
                   over all positions in one product, and (on a CPU, in float32) oneDNN's products
+    scan          scan.chunked_scan in Mamba's mixer (C x N recurrences), its two cumulative sums over a
+                  chunk's positions each one product with a triangle of ones (the vector mixer's C: under 5%)
     delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
     attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
     padding       transformer.MLP and the stacks' input projections, at widths padded to a multiple of 16
@@ -31,11 +33,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from delta_rule import DELTA_CHUNK, at_least_float32
+from mamba import MambaMixer
 from newllm import ContextCell
+from scan import SCAN_CHUNK, across_chunks, chunks
 from stack import MatrixMixer, Mixer
 from transformer import MLP, CausalSelfAttention
 
-PIECES = ("report_loop", "delta_rule", "attention", "padding")
+PIECES = ("report_loop", "scan", "delta_rule", "attention", "padding")
 HOOKS = ("fast", "fast_inputs")  # the module attributes through which a model picks a piece up
 
 
@@ -48,6 +52,8 @@ def accelerate(model, pieces=PIECES):
             module.fast = report_loop if report_update else None
         elif isinstance(module, MatrixMixer) and "delta_rule" in pieces:
             module.fast = delta_rule_fast
+        elif isinstance(module, MambaMixer) and "scan" in pieces:
+            module.fast = triangular_scan
         elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
             module.fast = fused_attention
         if isinstance(module, MLP) and "padding" in pieces and module.up.out_features % 16:
@@ -87,6 +93,26 @@ def padded_mlp(mlp, x):
     extra = -mlp.up.out_features % 16
     hidden = F.gelu(F.linear(x, F.pad(mlp.up.weight, (0, 0, 0, extra)), F.pad(mlp.up.bias, (0, extra))))
     return F.linear(hidden, F.pad(mlp.down.weight, (0, extra)), mlp.down.bias)
+
+
+# -----------------------------------------------------------------------------
+# scan: a cumulative sum over a chunk's positions as a product with a triangle of ones
+
+
+def triangular_scan(log_a, b, initial=None):
+    """scan.chunked_scan's values. A cumulative sum along the middle dimension of (B, n, Q, C) is slow on a CPU
+    (forward and backward, which flips and sums again); the same sums as one batched product with the Q x Q
+    lower triangle of ones run several times faster, and their backward pass is a product too."""
+    with torch.autocast(b.device.type, enabled=False):  # the scan sums many terms: never in bfloat16
+        ones = torch.ones(SCAN_CHUNK, SCAN_CHUNK, dtype=b.dtype, device=b.device).tril()
+        B, T, C = b.shape
+        if initial is not None:  # c_1 = a_1 c_0 + b_1, as chunked_scan
+            b = torch.cat([b[:, :1] + log_a[:, :1].exp() * initial[:, None], b[:, 1:]], dim=1)
+        A = ones @ chunks(log_a)  # (B, n, Q, C): the cumulative sum of log a_t inside each chunk
+        decay = A.exp()
+        local = decay * (ones @ (chunks(b) * (-A).exp()))
+        c_in = across_chunks(local[:, :, -1], decay[:, :, -1])
+        return (local + decay * c_in[:, :, None]).reshape(B, -1, C)[:, :T]
 
 
 # -----------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class MambaMixer(Mixer):
     def forward(self, u, h=None):
         log_a, b, C, x, read = self.coefficients(u)  # (B, T, C, N) twice, (B, T, N), (B, T, C)
         h0 = None if h is None else h.flatten(1)  # h_0: carried in, or 0
-        h = chunked_scan(log_a.flatten(2), b.flatten(2), h0).unflatten(2, log_a.shape[2:])  # h_t, every t: (B, T, C, N)
+        h = (self.fast or chunked_scan)(log_a.flatten(2), b.flatten(2), h0).unflatten(2, log_a.shape[2:])  # every h_t
         return self.read_out(self.answer(h, C, x), read), h[:, -1]  # (B, T, E), h_T
 
     def init_state(self, batch_size, device):

@@ -191,9 +191,14 @@ def study_recall(args, device):
         write_results("recall", "\n".join(lines) + "\n", {"budget": args.budget, "started": started, "rows": summaries},
                       [figure])
 
-    for rows, lr in groups:  # each new row measured and written as it lands
+    def finished_in(later_groups):
+        return [s for rows, lr in later_groups for s in run_rows("recall", args.budget, rows, common(lr), kept,
+                                                                 train_new=False)]
+
+    for at, (rows, lr) in enumerate(groups):  # each new row measured and written as it lands, beside every
+        # row finished so far, later groups' included (a study stopped and resumed keeps them on its page)
         finished += run_rows("recall", args.budget, rows, common(lr), kept,
-                             after_each=lambda batch: write(finished + batch))
+                             after_each=lambda batch: write(finished + batch + finished_in(groups[at + 1:])))
     write(finished)
 
 

@@ -122,6 +122,7 @@ class Mixer(nn.Module):
         self.norm = nn.LayerNorm(C) if config.context_norm else nn.Identity()  # keeps m_t at one scale
         self.proj = nn.Linear(C, E)
         self.fast_inputs = None  # fast.py's input projection, padded to a multiple of 16 rows; None: as written
+        self.fast = None  # fast.py's form of the memory's recurrence (the scan, the delta rule); None: as written
 
     def inputs(self, u):
         """W u_t, split into pieces of self.sizes."""
@@ -177,7 +178,6 @@ class MatrixMixer(Mixer):
         # in order: r_t (C), q_t and k_t (nh * dk each), v_t (C), beta_t's and (--gate) alpha_t's logits (nh each)
         nh, keys = config.context_heads, config.context_heads * config.key_dim
         super().__init__(config, [config.context_dim, 2 * keys, config.context_dim, (2 if config.gate else 1) * nh])
-        self.fast = None  # fast.py's delta rule with its backward pass written out; None: delta_rule.py's
 
     def coefficients(self, u):
         """u (..., E) -> q, k (..., nh, dk) of unit length, v (..., nh, dv); beta, log alpha (..., nh); read gate r_t."""

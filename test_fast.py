@@ -37,10 +37,12 @@ def pieces_in(model):
 
 
 def test_each_model_gets_its_pieces_and_no_fast_gets_none():
-    """The report's own update takes the written-out loop (a gated one has none); the matrix its delta rule; the
-    Transformer and the hybrid their fused attention; fast=False (--no-fast) leaves every model as written."""
+    """The report's own update takes the written-out loop (a gated one has none); the matrix its delta rule; Mamba
+    its scan; the Transformer and the hybrid their fused attention; fast=False (--no-fast) leaves every model as
+    written."""
     expected = {"seed": ["ContextCell"], "seed+norm+gate": [], "stack+norm+timescales+conv": [],
-                "matrix": ["MatrixMixer"], "hybrid": ["LocalAttention"], "transformer": ["CausalSelfAttention"]}
+                "matrix": ["MatrixMixer"], "hybrid": ["LocalAttention"], "transformer": ["CausalSelfAttention"],
+                "mamba": ["MambaMixer"], "lstm": []}
     for name, pieces in expected.items():
         arch, config = VARIANTS[name]
         assert pieces_in(build_model(arch, **config)) == pieces

@@ -100,6 +100,8 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     assert written == [["new row", "tiny row"]]
     monkeypatch.setattr(train, "main", lambda flags: pytest.fail("a finished row was trained again"))
     assert experiments.run_rows(name, "quick", rows, common) == first
+    unfinished = experiments.Row("unfinished row", ["--arch", "newllm", *TINY, "--seed", "3"])
+    assert experiments.run_rows(name, "quick", [unfinished, *rows], common, train_new=False) == first
     # a row whose flags changed since its run (the hybrid follows the best row) is trained again, from scratch
     changed = [experiments.Row("tiny row", ["--arch", "newllm", *TINY, "--lr", "3e-3"])]
     calls = []
