@@ -24,8 +24,8 @@ import train
 from run_folder import load_checkpoint
 from cli import UserError
 from data import load_dataset
-from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, improvement_rows, kept_rows,
-                         mean_spread, results_name, run_rows, write_results)
+from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, field_rows, header, improvement_rows,
+                         kept_rows, mean_spread, results_name, run_rows, write_results)
 from models import model_from_checkpoint
 
 # The models compared, by the improvements study's row that defines each (same flags, same parameters).
@@ -36,13 +36,14 @@ MOST_RATES = 6  # a model's grid grows past an edge at most this far
 SECOND_SEED = 2  # after the sweep, the best rates again with this seed
 
 
-def compared_models(scale, vocab_size, also=()):
-    """name -> train.py flags of each compared model (and of the improvements rows named in `also`),
-    parameters matched to the scale's Transformer."""
+def compared_models(scale, vocab_size, also=(), field=False):
+    """name -> train.py flags of each compared model (and of the improvements rows named in `also`; with field,
+    the LSTM and Mamba last), parameters matched to the scale's Transformer."""
     rows, target = improvement_rows(scale, vocab_size)
     by_name = {row.name: row for row in rows}
+    field_models = {row.name: row.flags for row in field_rows(scale, target, vocab_size) if row.name == row.group}
     return {**{name: by_name[row].flags for name, row in COMPARED.items()},
-            **{name: by_name[name].flags for name in also}}, target
+            **{name: by_name[name].flags for name in also}, **(field_models if field else {})}, target
 
 
 # -----------------------------------------------------------------------------
@@ -53,7 +54,7 @@ def study_lr_sweep(args, device):
     scale = IMPROVEMENT_SCALES[args.budget]
     dataset = load_dataset(args.data, "char", block_size=int(scale["common"][1]))
     many_heads = f"context matrix, {scale['matrix_many_heads']} heads"
-    models, target = compared_models(scale, dataset.tokenizer.vocab_size, also=[many_heads])
+    models, target = compared_models(scale, dataset.tokenizer.vocab_size, also=[many_heads], field=True)
     many_heads_flags = models.pop(many_heads)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
     grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
@@ -89,7 +90,8 @@ def second_seed_rows(models, best, many_heads, many_heads_flags):
     def row(name, flags, lr, seed):
         return Row(f"{name}, lr {lr:g}, seed {seed}", [*flags, "--lr", f"{lr:g}", "--seed", str(seed)],
                    group=name, extra={"model": name, "lr": lr, "seed": seed})
-    rows = [row(name, models[name], best[name], SECOND_SEED) for name in ("Transformer", "vector stack", "context matrix")]
+    compared = ("Transformer", "vector stack", "context matrix", "LSTM", "Mamba")
+    rows = [row(name, models[name], best[name], SECOND_SEED) for name in compared]
     return rows + [row(many_heads, many_heads_flags, best["context matrix"], seed) for seed in (1337, SECOND_SEED)]
 
 

@@ -163,6 +163,20 @@ def test_lr_sweep_second_seeds_stay_out_of_the_grid_and_pair_with_its_best_rate(
     assert "| 8 heads | 0.002 | 1.8500 | — | — |" in table
 
 
+def test_lr_sweep_sweeps_the_field_as_the_improvements_study_runs_it():
+    """The LSTM and Mamba join the sweep last, with the improvements study's matched flags, and get a second seed."""
+    import experiments
+    import scaling
+    scale = experiments.IMPROVEMENT_SCALES["quick"]
+    models, target = scaling.compared_models(scale, 65, field=True)
+    field = {row.name: row.flags for row in experiments.field_rows(scale, target, 65)}
+    assert list(models)[-2:] == ["LSTM", "Mamba"] and all(models[name] == field[name] for name in ("LSTM", "Mamba"))
+    assert "LSTM" not in scaling.compared_models(scale, 65)[0]  # the scaling study's models stay as they were
+    best = dict.fromkeys(models, 2e-3)
+    seconds = scaling.second_seed_rows(models, best, "context matrix", models["context matrix"])
+    assert {"LSTM, lr 0.002, seed 2", "Mamba, lr 0.002, seed 2"} <= {row.name for row in seconds}
+
+
 def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
     """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
     difference is the gap the study reports, with a standard error beside it."""
