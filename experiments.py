@@ -11,6 +11,7 @@ The project's experiments: one command each, writing results/<study>.md, .json a
     python experiments.py nanogpt-cpu                                       # every model at nanoGPT's CPU recipe (field.py)
     python experiments.py context                                           # how far back each model reads (context.py)
     python experiments.py length                                            # loss against position, to 8,192 (length.py)
+    python experiments.py regularisation [--second-data PATH]               # dropout, weight decay on a small text
 
 Every row is an ordinary train.py run in runs/experiments/<study>-<budget>/<row>.
 A finished row is never trained again and an interrupted one resumes, so
@@ -488,7 +489,8 @@ def main(argv=None):
     parser.add_argument("study", choices=list(STUDIES), help="which study")
     parser.add_argument("--budget", default="quick", choices=["quick", "full"], help="quick: 2 CPU cores; full: a GPU")
     parser.add_argument("--data", default="shakespeare", help="corpus for the language-model studies")
-    parser.add_argument("--second-data", default="data/lcet10.txt", help="scaling: the second text")
+    parser.add_argument("--second-data", default="data/lcet10.txt",
+                        help="scaling: the second text; regularisation: the small text")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps")
     args = parser.parse_args(argv)
     for flag, default in (("data", "shakespeare"), ("budget", "quick")):
@@ -500,7 +502,8 @@ def main(argv=None):
 
 # what a study decides for itself: asked for anything else, it would silently run its own setting
 FIXED_SETTINGS = {"seed-sentences": ("data", "budget"), "recall": ("data",), "scaling": ("data", "budget"),
-                  "nanogpt-cpu": ("data", "budget"), "context": ("data", "budget"), "length": ("data", "budget")}
+                  "nanogpt-cpu": ("data", "budget"), "context": ("data", "budget"), "length": ("data", "budget"),
+                  "regularisation": ("data", "budget")}
 
 
 def elsewhere(module, name):
@@ -514,7 +517,8 @@ STUDIES = {"seed": study_seed, "seed-sentences": study_seed_sentences, "improvem
            "recall": elsewhere("recall", "study_recall"),
            "lr-sweep": elsewhere("scaling", "study_lr_sweep"), "scaling": elsewhere("scaling", "study_scaling"),
            "nanogpt-cpu": elsewhere("field", "study_nanogpt_cpu"), "context": elsewhere("context", "study_context"),
-           "length": elsewhere("length", "study_length")}
+           "length": elsewhere("length", "study_length"),
+           "regularisation": elsewhere("regularisation", "study_regularisation")}
 
 if __name__ == "__main__":
     try:

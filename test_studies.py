@@ -362,3 +362,38 @@ def test_loss_by_position_buckets_and_the_gap_past_the_training_length(monkeypat
         for i, (a, b) in enumerate([(0, 16), (16, 48), (48, 96)]):
             assert out[way][i][0] == pytest.approx(losses[:, a:b].mean().item(), rel=1e-9)
     assert out["gap"][0] == (0.0, 0.0) and out["gap"][2][0] != 0.0
+
+
+def test_regularisation_runs_a_grid_then_each_models_best_setting_with_a_second_seed(tmp_path, monkeypatch):
+    """Every model at every setting (the last --dropout / --weight-decay counts), each model's best setting from
+    the first seed only, and a verdict only once every best setting has both seeds."""
+    import experiments
+    import regularisation as reg
+    models = {m: ["--arch", "transformer", "--dropout", "0.1"] for m in reg.MODELS}
+    rows = reg.regularisation_rows(models, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt")
+    assert len(rows) == len(reg.MODELS) * len(reg.SETTINGS)
+    args = train.parse_args(rows[2].flags)  # the Transformer at dropout 0.3
+    assert (args.dropout, args.weight_decay, args.lr, args.max_iters) == (0.3, 0.1, 4e-3, reg.STEPS)
+    assert train.parse_args(rows[3].flags).weight_decay == 0.5
+
+    def run(model, setting, loss, seed=1337):
+        curve = [{"tokens": 0, "val_loss": 4.0, "train_loss": 4.0}, {"tokens": 100, "val_loss": loss, "train_loss": 0.5}]
+        return {"name": f"{model}, {setting}, seed {seed}", "best_val_loss": loss, "tokens": 100, "curve": curve,
+                "extra": {"model": model, "setting": setting, "seed": seed}}
+    summaries = [run(m, s, 1.6 + 0.01 * i + (0.1 if m == "Transformer" else 0))
+                 for m in reg.MODELS for i, s in enumerate(reg.SETTINGS)]
+    summaries[1]["best_val_loss"] = 1.5  # the Transformer's best: dropout 0.2
+    summaries.append(run("vector stack", "dropout 0.3", 1.0, seed=2))  # a second seed never picks the setting
+    best = reg.best_settings(summaries)
+    assert best == {"Transformer": "dropout 0.2", "vector stack": "dropout 0.1", "context matrix": "dropout 0.1"}
+    monkeypatch.setattr(experiments, "RESULTS", tmp_path)
+    monkeypatch.setattr(reg, "RESULTS", tmp_path)
+    reg.write_regularisation(summaries, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt", torch.device("cpu"), 0)
+    page = (tmp_path / "regularisation.md").read_text()
+    assert "| Transformer | 1.7000 (0.50) | **1.5000 (0.50)** |" in page and "no verdict" in page
+    summaries += [run(m, best[m], loss, seed=2) for m, loss in (("Transformer", 1.52), ("vector stack", 1.62),
+                                                                  ("context matrix", 1.63))]
+    reg.write_regularisation(summaries, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt", torch.device("cpu"), 0)
+    page = (tmp_path / "regularisation.md").read_text()
+    assert "| Transformer | dropout 0.2 | 1.5000 / 1.5200 | 1.5100 ± 0.0100 |  |" in page
+    assert "the Transformer still wins" in page and "clear of every other model's" in page
