@@ -91,7 +91,7 @@ def second_seed_rows(models, best, many_heads, many_heads_flags):
         return Row(f"{name}, lr {lr:g}, seed {seed}", [*flags, "--lr", f"{lr:g}", "--seed", str(seed)],
                    group=name, extra={"model": name, "lr": lr, "seed": seed})
     compared = ("Transformer", "vector stack", "context matrix", "LSTM", "Mamba")
-    rows = [row(name, models[name], best[name], SECOND_SEED) for name in compared]
+    rows = [row(name, models[name], best[name], SECOND_SEED) for name in compared if name in best]
     return rows + [row(many_heads, many_heads_flags, best["context matrix"], seed) for seed in (1337, SECOND_SEED)]
 
 
