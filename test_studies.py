@@ -168,13 +168,15 @@ def test_lr_sweep_sweeps_the_field_as_the_improvements_study_runs_it():
     import experiments
     import scaling
     scale = experiments.IMPROVEMENT_SCALES["quick"]
-    models, target = scaling.compared_models(scale, 65, field=True)
+    many_heads = f"context matrix, {scale['matrix_many_heads']} heads"
+    models, target = scaling.compared_models(scale, 65, also=[many_heads], field=True)
     field = {row.name: row.flags for row in experiments.field_rows(scale, target, 65)}
     assert list(models)[-2:] == ["LSTM", "Mamba"] and all(models[name] == field[name] for name in ("LSTM", "Mamba"))
     assert "LSTM" not in scaling.compared_models(scale, 65)[0]  # the scaling study's models stay as they were
+    many_heads_flags = models.pop(many_heads)
     best = dict.fromkeys(models, 2e-3)
-    seconds = scaling.second_seed_rows(models, best, "context matrix", models["context matrix"])
-    assert {"LSTM, lr 0.002, seed 2", "Mamba, lr 0.002, seed 2"} <= {row.name for row in seconds}
+    seconds = [row.name for row in scaling.second_seed_rows(models, best, many_heads, many_heads_flags)]
+    assert {"LSTM, lr 0.002, seed 2", "Mamba, lr 0.002, seed 2"} <= set(seconds) and len(set(seconds)) == len(seconds)
 
 
 def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
@@ -386,14 +388,25 @@ def test_regularisation_runs_a_grid_then_each_models_best_setting_with_a_second_
     summaries.append(run("vector stack", "dropout 0.3", 1.0, seed=2))  # a second seed never picks the setting
     best = reg.best_settings(summaries)
     assert best == {"Transformer": "dropout 0.2", "vector stack": "dropout 0.1", "context matrix": "dropout 0.1"}
+    assert reg.best_settings(summaries[1:]).keys() == {"vector stack", "context matrix"}  # a setting not run yet
+    seconds = reg.regularisation_rows(models, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt",
+                                      {"dropout 0.2": reg.SETTINGS["dropout 0.2"]}, seed=2)
+    assert seconds[0].name == "Transformer, dropout 0.2, seed 2" and train.parse_args(seconds[0].flags).seed == 2
     monkeypatch.setattr(experiments, "RESULTS", tmp_path)
     monkeypatch.setattr(reg, "RESULTS", tmp_path)
-    reg.write_regularisation(summaries, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt", torch.device("cpu"), 0)
-    page = (tmp_path / "regularisation.md").read_text()
+
+    def page_of(summaries):
+        reg.write_regularisation("regularisation", summaries, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt",
+                                 torch.device("cpu"), 0)
+        return (tmp_path / "regularisation.md").read_text()
+    page = page_of(summaries[1:])  # the Transformer's first setting missing: no best for it yet
+    assert "| Transformer | not run yet | 1.5000 (0.50) |" in page and "**" not in page.split("| Transformer")[1][:60]
+    page = page_of(summaries)
     assert "| Transformer | 1.7000 (0.50) | **1.5000 (0.50)** |" in page and "no verdict" in page
     summaries += [run(m, best[m], loss, seed=2) for m, loss in (("Transformer", 1.52), ("vector stack", 1.62),
                                                                   ("context matrix", 1.63))]
-    reg.write_regularisation(summaries, dict.fromkeys(reg.MODELS, 4e-3), "corpus.txt", torch.device("cpu"), 0)
-    page = (tmp_path / "regularisation.md").read_text()
+    page = page_of(summaries)
     assert "| Transformer | dropout 0.2 | 1.5000 / 1.5200 | 1.5100 ± 0.0100 |  |" in page
     assert "the Transformer still wins" in page and "clear of every other model's" in page
+    summaries[-2]["best_val_loss"] = 1.50  # the vector stack's second seed inside the Transformer's range
+    assert "no model is clear of the others" in page_of(summaries)
