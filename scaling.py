@@ -57,20 +57,28 @@ def study_lr_sweep(args, device):
     models, target = compared_models(scale, dataset.tokenizer.vocab_size, also=[many_heads], field=True)
     many_heads_flags = models.pop(many_heads)
     common = [*scale["common"], "--data", args.data, "--device", args.device]
-    grid = {name: list(SWEEP_RATES[args.budget]) for name in models}
-    name = results_name("lr-sweep", args.data)  # another text's sweep never replaces Tiny Shakespeare's
-    kept, started = kept_rows(name)
+    study = results_name("lr-sweep", args.data)  # another text's sweep never replaces Tiny Shakespeare's
+    kept, started = kept_rows(study)
+    grid = {model: sorted({*SWEEP_RATES[args.budget], *(s["extra"]["lr"] for s in swept(kept)
+                                                         if s["extra"]["model"] == model)})
+            for model in models}  # rates beyond the grid run in an earlier sitting are part of it from the start
 
-    def write(summaries):
-        write_sweep(name, summaries, grid, args, device, target, started)
+    def seconds(summaries):
+        return second_seed_rows(models, best_rates(summaries), many_heads, many_heads_flags)
+
+    def write(summaries):  # with the second seeds finished so far, which the grid's partial writes lack
+        done = {s["name"] for s in summaries}
+        more = [s for s in run_rows(study, args.budget, seconds(summaries), common, kept, train_new=False)
+                if s["name"] not in done]
+        write_sweep(study, summaries + more, grid, args, device, target, started)
 
     while True:  # a model whose best rate is at an edge of its grid gets the next rate beyond that edge
-        rows = [Row(f"{name}, lr {lr:g}", [*flags, "--lr", f"{lr:g}"], group=name, extra={"model": name, "lr": lr})
-                for name, flags in models.items() for lr in grid[name]]
-        summaries = run_rows(name, args.budget, rows, common, kept, write, may_diverge=True)
+        rows = [Row(f"{model}, lr {lr:g}", [*flags, "--lr", f"{lr:g}"], group=model, extra={"model": model, "lr": lr})
+                for model, flags in models.items() for lr in grid[model]]
+        summaries = run_rows(study, args.budget, rows, common, kept, write, may_diverge=True)
         widened = False
-        for name, best in best_rates(summaries).items():
-            rates = grid[name]
+        for model, best in best_rates(summaries).items():
+            rates = grid[model]
             if len(rates) < MOST_RATES and best == rates[0]:
                 rates.insert(0, best / 2)
                 widened = True
@@ -79,8 +87,7 @@ def study_lr_sweep(args, device):
                 widened = True
         if not widened:
             break
-    rows += second_seed_rows(models, best_rates(summaries), many_heads, many_heads_flags)
-    write(run_rows(name, args.budget, rows, common, kept, write))
+    write(run_rows(study, args.budget, rows + seconds(summaries), common, kept, write))
 
 
 def second_seed_rows(models, best, many_heads, many_heads_flags):

@@ -179,6 +179,27 @@ def test_lr_sweep_sweeps_the_field_as_the_improvements_study_runs_it():
     assert {"LSTM, lr 0.002, seed 2", "Mamba, lr 0.002, seed 2"} <= set(seconds) and len(set(seconds)) == len(seconds)
 
 
+def test_lr_sweep_widens_an_edge_then_runs_second_seeds_all_in_its_own_study(monkeypatch):
+    """A best rate at the grid's edge adds the next rate; every pass trains and writes under the study's own
+    name; the last page has the widened rate and the second seeds."""
+    import argparse
+    import scaling
+    names = ["Transformer", "seed New-LLM", "vector stack", "context matrix", "context matrix, 8 heads", "LSTM", "Mamba"]
+    monkeypatch.setattr(scaling, "compared_models", lambda *a, **k: ({n: ["--arch", n] for n in names}, 1))
+    monkeypatch.setattr(scaling, "kept_rows", lambda study: ([], 0))
+    studies, pages = [], []
+
+    def run_rows(study, budget, rows, common, kept=None, after_each=None, may_diverge=False, train_new=True):
+        studies.append(study)  # every row "finished", its loss lowest at lr 0.008
+        return [{"name": r.name, "best_val_loss": abs(r.extra["lr"] - 8e-3), "extra": r.extra} for r in rows]
+    monkeypatch.setattr(scaling, "run_rows", run_rows)
+    monkeypatch.setattr(scaling, "write_sweep", lambda study, summaries, *a: pages.append((study, summaries)))
+    scaling.study_lr_sweep(argparse.Namespace(budget="quick", data="shakespeare", device="cpu"), None)
+    assert set(studies) == {"lr-sweep"} and {study for study, _ in pages} == {"lr-sweep"}
+    last = {s["name"] for s in pages[-1][1]}
+    assert {"LSTM, lr 0.008", "Mamba, lr 0.016", "Mamba, lr 0.008, seed 2", "context matrix, 8 heads, lr 0.008, seed 2"} <= last
+
+
 def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
     """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
     difference is the gap the study reports, with a standard error beside it."""
