@@ -20,11 +20,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from cli import UserError
 from data import load_dataset
 from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, header, kept_rows, mean_spread, results_name, run_rows,
                          write_results)
-from scaling import compared_models, tuned_rates
+from scaling import compared_models, second_text, tuned_rates
 
 MODELS = ("Transformer", "vector stack", "context matrix")
 SETTINGS = {  # name -> (dropout, weight decay); the first is the improvements, lr-sweep and scaling studies' own
@@ -58,10 +57,7 @@ def best_settings(summaries):
 
 
 def study_regularisation(args, device):
-    data = args.second_data
-    if not Path(data).is_file():
-        raise UserError(f"the regularisation study's small text {data} does not exist: pass --second-data PATH "
-                        "(the results use lcet10.txt: see results/README.md for where to get it)")
+    data = second_text(args, "regularisation")
     best_lr = tuned_rates()
     vocab = load_dataset(data, "char", block_size=128).tokenizer.vocab_size
     all_models, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab)

@@ -240,11 +240,17 @@ def scaling_rows(best_lr, vocab, second):
     return rows, large_target
 
 
+def second_text(args, study):
+    """--second-data, checked: the small text of the scaling and regularisation studies."""
+    if not Path(args.second_data).is_file():
+        raise UserError(f"the {study} study's second text {args.second_data} does not exist: pass --second-data PATH "
+                        "(the results used lcet10.txt from the Canterbury corpus: results/README.md says where to "
+                        "get it)")
+    return args.second_data
+
+
 def study_scaling(args, device):
-    second = args.second_data
-    if not Path(second).is_file():
-        raise UserError(f"the scaling study's second text {second} does not exist: pass --second-data PATH "
-                        "(the results used lcet10.txt from the Canterbury corpus, https://corpus.canterbury.ac.nz)")
+    second = second_text(args, "scaling")
     best_lr = tuned_rates()
     vocab = {data: load_dataset(data, "char", block_size=128).tokenizer.vocab_size for data in ("shakespeare", second)}
     rows, large_target = scaling_rows(best_lr, vocab, second)

@@ -123,6 +123,8 @@ def test_a_study_refuses_the_settings_it_fixes_itself(corpus):
     import experiments
     assert_one_line_error(run("experiments.py", "recall", "--data", corpus), "fixes its own --data")
     assert_one_line_error(run("experiments.py", "scaling", "--budget", "full"), "fixes its own --budget")
+    for study in ("scaling", "regularisation"):
+        assert_one_line_error(run("experiments.py", study, "--second-data", "no/such.txt"), "does not exist")
     assert experiments.results_name("lr-sweep", str(corpus)) == "lr-sweep-corpus"  # another text's sweep
 
 
