@@ -112,6 +112,8 @@ def write_regularisation(name, summaries, best_lr, data, device, started):
 
 def verdict(cell, best):
     """Each model at its best setting, both seeds, against the Transformer at its own best."""
+    if not best:
+        return ["\nEach model's best setting again with a second seed: once its four settings have run."]
     lines = [f"\nEach model's best setting, seeds {SEEDS[0]} and {SEEDS[1]} (mean ± half-range):\n",
              "| model | best setting | per seed | mean | vs Transformer |", "|---|---|---|---|---|"]
     means = {}
