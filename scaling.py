@@ -41,9 +41,10 @@ def compared_models(scale, vocab_size, also=(), field=False):
     the LSTM and Mamba last), parameters matched to the scale's Transformer."""
     rows, target = improvement_rows(scale, vocab_size)
     by_name = {row.name: row for row in rows}
-    field_models = {row.name: row.flags for row in field_rows(scale, target, vocab_size) if row.name == row.group}
+    field_models = {row.name: row.flags for row in field_rows(scale, target, vocab_size)  # each matched: slow
+                    if row.name == row.group} if field else {}
     return {**{name: by_name[row].flags for name, row in COMPARED.items()},
-            **{name: by_name[name].flags for name in also}, **(field_models if field else {})}, target
+            **{name: by_name[name].flags for name in also}, **field_models}, target
 
 
 # -----------------------------------------------------------------------------
