@@ -26,8 +26,10 @@ CPU presets trained 1,500 steps at block 128 (6.1M tokens) with snapshots near 1
 tokens, the horizon along training; then the levers meant to make a fixed state carry more (a
 state carried across batches, longer blocks, floors on the gates, no gate), and the Transformer
 and the vector stack trained at block 1,024 for the same minutes each (at the presets' dropout,
-then at dropout 0). Runs the studies have trained are reused; an evaluation is kept beside its
-checkpoint.
+then at dropout 0); on a second text, the regularisation study's lcet10 runs at the recipe every study
+shares (8.2M tokens: best and last checkpoints), read on lcet10's validation text; last, the scaling study's
+20.5M-token runs on Tiny Shakespeare trained again with snapshots near 1M and 5M tokens. Runs the studies have
+trained are reused; an evaluation is kept beside its checkpoint.
 """
 
 import json
@@ -47,9 +49,12 @@ import field
 import train
 from data import load_dataset
 from delta_rule import at_least_float32
-from experiments import RESULTS, Row, committed_results, header, kept_rows, run_rows, write_results
+from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, kept_rows, run_rows,
+                         write_results)
 from models import build_model, model_from_checkpoint
+from regularisation import SEEDS, SETTINGS
 from run_folder import load_checkpoint, read_json, read_log, write_json
+from scaling import SCALING, compared_models, scaling_common_flags, scaling_row, tuned_rates
 
 CUTS = [8, 16, 32, 64, 128, 256, 512, 1024]
 SEGMENT, SCORED_FROM = 2048, 1024  # positions SCORED_FROM .. SEGMENT - 1 of each segment are scored
@@ -89,6 +94,8 @@ SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-n
 EQUAL_TIME_MODELS = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
 EQUAL_TIME_PAIRS = {"": ([], 12), ", dropout 0": (["--dropout", "0"], 6)}  # name suffix: (flags, minutes)
 EQUAL_TIME = [name + suffix for suffix in EQUAL_TIME_PAIRS for name in EQUAL_TIME_MODELS]
+SECOND_TEXT_RECIPE = "lcet10, block 128"  # the regularisation study's runs, read on lcet10's validation text
+LONG_RECIPE, LONG_SNAPSHOTS = "scaling recipe, block 128", [250, 1250]  # of 5,000 steps: 1.0M, 5.1M (20.5M at the end)
 
 
 # -----------------------------------------------------------------------------
@@ -128,7 +135,7 @@ def _losses(model, x, y):
 def context_curve(model, val):
     """Loss above no cut at each w (mean, and twice its standard error over segments), the loss at no cut, and
     the memory horizon."""
-    segments = val[: SEGMENTS * (SEGMENT + 1)].view(-1, SEGMENT + 1)
+    segments = segments_of(val)
     longest = model.max_len  # the Transformer's table; None: no limit
     reference = position_losses(model, segments, longest)[:, SCORED_FROM:].mean(1)  # (S,)
     curve = {}
@@ -138,6 +145,12 @@ def context_curve(model, val):
     horizon = horizon_of(curve)
     return {"curve": curve, "loss": reference.mean().item(), "horizon": horizon or longest or SEGMENT,
             "reads_all": horizon is None, "segments": len(segments), "table": longest}
+
+
+def segments_of(val):
+    """The scored segments: SEGMENTS of them, or as many as a shorter validation text holds (lcet10's: 20)."""
+    count = min(SEGMENTS, len(val) // (SEGMENT + 1))
+    return val[: count * (SEGMENT + 1)].view(count, SEGMENT + 1)
 
 
 def horizon_of(curve):
@@ -153,7 +166,7 @@ def after_other_text(model, val):
     further back than w. None for the Transformer (its table is shorter than the other text)."""
     if model.max_len is not None:
         return None
-    segments = val[: SEGMENTS * (SEGMENT + 1)].view(-1, SEGMENT + 1)
+    segments = segments_of(val)
     other = segments.roll(len(segments) // 2, 0)[:, :OTHER_TEXT]
     reference = position_losses(model, segments)[:, SCORED_FROM:].mean(1)
     curve = {}
@@ -242,19 +255,25 @@ def study_context(args, device):
     scored_before = {(e["name"], e["checkpoint"]): e for e in committed_results("context").get("evaluated", [])}
     evaluated, trained = [], []
 
-    def score(summary, recipe, checkpoints):
-        """Each checkpoint's curve and probe; a run trained on another machine keeps its committed numbers."""
+    def score(summary, recipe, checkpoints, text=("Tiny Shakespeare", val)):
+        """Each checkpoint's curve and probe on text (its name, its validation tokens); a run trained on another
+        machine keeps its committed numbers."""
+        text_name, text_val = text
+        steps_read = set()
         for name, label in checkpoints:
             path = Path(summary["out_dir"]) / name
-            if path.exists():
-                result = evaluate(path, val, device)
-                gates = kept_beside(path, "gates", [4096], lambda model: {"gates": gate_half_lives(model, val.to(device))},
-                                    device)["gates"]
+            if path.exists() and text_val is not None:
+                result = evaluate(path, text_val, device)
+                if result["step"] in steps_read:  # the last step was the best: one row
+                    continue
+                steps_read.add(result["step"])
+                gates = kept_beside(path, "gates", [4096],
+                                    lambda model: {"gates": gate_half_lives(model, text_val.to(device))}, device)["gates"]
                 other = kept_beside(path, "other-text", [OTHER_TEXT_CUTS, SEGMENT, SCORED_FROM, SEGMENTS, OTHER_TEXT],
-                                    lambda model: {"other": after_other_text(model, val.to(device))},
+                                    lambda model: {"other": after_other_text(model, text_val.to(device))},
                                     device)["other"] if label == "best" and not recipe.startswith("nanoGPT") else None
                 evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe, gates=gates,
-                                      other_text=other,
+                                      other_text=other, text=text_name,
                                       checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
             elif (summary["name"], label) in scored_before:
                 evaluated.append(scored_before[summary["name"], label])
@@ -278,6 +297,38 @@ def study_context(args, device):
             "equal time" if row.name in EQUAL_TIME else "lever"
         score(summary, recipe, steps if row in presets else steps[-1:])
         write()
+    # the second text: the regularisation study's runs at the recipe every other study shares, best and last
+    regularisation = committed_results("regularisation")
+    data = regularisation.get("data", "")
+    second_val = torch.as_tensor(load_dataset(data, "char", block_size=128).splits["val"]) if Path(data).is_file() \
+        else None
+    for summary in second_text_runs(regularisation.get("rows", [])):
+        score(summary, SECOND_TEXT_RECIPE, [("ckpt.pt", "best"), ("last.pt", "end")], (Path(data).stem, second_val))
+        write()
+    for row in long_run_rows():  # the horizon along 20.5M tokens
+        summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
+        trained.append(summary)
+        score(summary, LONG_RECIPE, [(f"step-{s}.pt", f"step {s}") for s in LONG_SNAPSHOTS] + [("ckpt.pt", "best")])
+        write()
+
+
+def long_run_rows():
+    """The scaling study's first-seed runs on Tiny Shakespeare (5,000 steps of 32 x 128, each model at its swept
+    rate, cosine over the run), trained again with snapshots: the scaling study kept no checkpoints."""
+    models, _ = compared_models(IMPROVEMENT_SCALES["quick"], 65)
+    best_lr = tuned_rates()
+    return [Row(f"{name}, 20.5M tokens", [*scaling_common_flags(), *scaling_row(name, models[name], best_lr, "shakespeare",
+                                                                             1337, "length").flags,
+                                         "--snapshots", ",".join(map(str, LONG_SNAPSHOTS))],
+                "the scaling study's run on Tiny Shakespeare, seed 1337", extra={"model": name})
+            for name in SCALING["length"]["models"]]
+
+
+def second_text_runs(regularisation_rows):
+    """The regularisation study's finished first-seed runs at its first setting (dropout 0.1, weight decay 0.1:
+    the scaling study's recipe, to 8.2M tokens on lcet10), one per model."""
+    shared = next(iter(SETTINGS))
+    return [s for s in regularisation_rows if s["extra"]["setting"] == shared and s["extra"]["seed"] == SEEDS[0]]
 
 
 def equal_time_rows(device):
@@ -323,6 +374,16 @@ def write_context_page(evaluated, trained, device, started):
         cells = [excess_cell(e["curve"].get(str(cut))) for cut in CUTS]
         lines.append(f"| {e['name']} | {e['recipe']} | {e['checkpoint']} | {e['tokens'] / 1e6:.1f}M | "
                      f"{e['loss']:.4f} | " + " | ".join(cells) + f" | {horizon_cell(e)} |")
+    if any(e["recipe"] == LONG_RECIPE for e in evaluated):
+        lines.append(f"\nThe {LONG_RECIPE} rows: the scaling study's first-seed runs on Tiny Shakespeare trained again "
+                     "(5,000 steps of 32 x 128, each model at its swept rate, cosine over the run), read at snapshots "
+                     "near 1.0M and 5.1M tokens and at their best checkpoint.")
+    second = [e for e in evaluated if e["recipe"] == SECOND_TEXT_RECIPE]
+    if second:
+        lines.append(f"\nThe {SECOND_TEXT_RECIPE} rows: the regularisation study's runs at dropout 0.1 and weight decay "
+                     "0.1 (the scaling study's recipe, each model at its swept rate, to 8.2M tokens, about 22 passes "
+                     f"over the text), read on lcet10's validation text in its {second[0]['segments']} segments; "
+                     "best: the lowest validation loss, end: the last step. Their repeated passages are lcet10's too.")
     lines += ["\n## The repeated passage\n",
               f"A {PASSAGE}-character validation passage, the d characters that follow it in the text, then the "
               f"passage again; as a control, an unrelated passage in place of the first copy ({PASSAGES} passages). "
@@ -429,29 +490,38 @@ def equal_time_lines(runs, finals):
 
 def plot_curves(finals, figure):
     """A panel for nanoGPT's recipe, one for the CPU presets, one for the levers and the equal-time runs (with
-    the vector and matrix presets again, for reference); a colour per model, second seeds dashed; the
-    Transformer's curve ends at 0 at its table."""
+    the vector and matrix presets again, for reference), one for the 20.5M-token runs and one for the second text
+    (their models in their presets' colours); a colour per model, second seeds dashed; the Transformer's curve
+    ends at 0 at its table."""
     preset = lambda e: e["recipe"] == "CPU preset, block 128"  # noqa: E731
     panels = [("nanoGPT recipe, block 64; second seeds dashed", lambda e: e["recipe"].startswith("nanoGPT")),
               ("CPU presets, block 128, 6.1M tokens", preset),
               ("levers and equal time (the presets again, thin)",
                lambda e: e["recipe"] in ("lever", "equal time") or preset(e) and e["name"] in ("vector stack",
-                                                                                             "context matrix"))]
+                                                                                             "context matrix")),
+              (f"{LONG_RECIPE}, 20.5M tokens", lambda e: e["recipe"] == LONG_RECIPE),
+              (f"{SECOND_TEXT_RECIPE}, to 8.2M tokens", lambda e: e["recipe"] == SECOND_TEXT_RECIPE)]
     panels = [(title, shown) for title, shown in panels if any(map(shown, finals))]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "navy", "darkgreen", "maroon"]
     color_of = {}
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.8), sharey=True, squeeze=False)
-    for ax, (title, shown) in zip(axes[0], panels):
+    rows = 1 if len(panels) <= 3 else 2
+    columns = -(-len(panels) // rows)
+    fig, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.8 * rows), sharey=True, squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, shown) in zip(axes.flat, panels):
         for e in filter(shown, finals):
+            by_model = e["recipe"] in (LONG_RECIPE, SECOND_TEXT_RECIPE)  # drawn in its preset's colour
+            model = e["name"].split(",")[0] if by_model else None
             cuts = [int(c) for c in e["curve"]]
             values = [e["curve"][str(c)][0] for c in cuts]
             if e["table"]:
                 cuts, values = cuts + [e["table"]], values + [0.0]
-            color = color_of.setdefault(e["group"], colors[len(color_of) % len(colors)])
+            color = color_of.setdefault(model or e["group"], colors[len(color_of) % len(colors)])
             second, thin = "(seed" in e["name"], preset(e) and title.startswith("levers")
             ax.plot(cuts, values, marker="o", color=color, linestyle="--" if second else "-",
                     markersize=3 if second or thin else 5, linewidth=0.8 if thin else 1.5,
-                    label=None if second else f"{e['name']} ({e['loss']:.3f})")
+                    label=None if second else f"{model or e['name']} ({e['loss']:.3f})")
         ax.axhline(HORIZON_TOLERANCE, color="grey", linestyle=":", linewidth=1)
         ax.set_xscale("log", base=2)
         ax.set_yscale("symlog", linthresh=1e-3)
@@ -459,7 +529,8 @@ def plot_curves(finals, figure):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("loss above reading everything (nats)")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss above reading everything (nats)")
     fig.suptitle("How far back each model reads (the Transformer's curve ends at its table)")
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)

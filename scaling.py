@@ -227,18 +227,25 @@ def scaling_rows(best_lr, vocab, second):
     small, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab["shakespeare"])
     large, large_target = compared_models(size["scale"], vocab["shakespeare"])
     second_models, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab[second])
-
-    def row(name, flags, steps, data, seed, axis):
-        label = f"{name}, {axis}, {'Tiny Shakespeare' if data == 'shakespeare' else Path(data).name}, seed {seed}"
-        return Row(label, [*flags, "--lr", f"{best_lr[name]:g}", "--max-iters", str(steps), "--eval-interval",
-                           str(SCALING[axis]["eval_every"]), "--data", data, "--seed", str(seed)],
-                   group=f"{name}, {axis}, {data}", extra={"model": name, "axis": axis, "data": data, "seed": seed})
-
-    rows = [row(m, small[m], length["steps"], "shakespeare", 1337, "length") for m in length["models"]]
-    rows += [row(m, large[m], size["steps"], "shakespeare", 1337, "size") for m in size["models"]]
-    rows += [row(m, small[m], length["steps"], "shakespeare", 2, "length") for m in length["models"]]
-    rows += [row(m, second_models[m], length["steps"], second, 1337, "length") for m in length["models"]]
+    row = lambda name, flags, data, seed, axis: scaling_row(name, flags, best_lr, data, seed, axis)  # noqa: E731
+    rows = [row(m, small[m], "shakespeare", 1337, "length") for m in length["models"]]
+    rows += [row(m, large[m], "shakespeare", 1337, "size") for m in size["models"]]
+    rows += [row(m, small[m], "shakespeare", 2, "length") for m in length["models"]]
+    rows += [row(m, second_models[m], second, 1337, "length") for m in length["models"]]
     return rows, large_target
+
+
+def scaling_row(name, flags, best_lr, data, seed, axis):
+    """One model's run on one axis (flags: the model's), at its swept rate; the study's common flags come apart."""
+    label = f"{name}, {axis}, {'Tiny Shakespeare' if data == 'shakespeare' else Path(data).name}, seed {seed}"
+    return Row(label, [*flags, "--lr", f"{best_lr[name]:g}", "--max-iters", str(SCALING[axis]["steps"]),
+                       "--eval-interval", str(SCALING[axis]["eval_every"]), "--data", data, "--seed", str(seed)],
+               group=f"{name}, {axis}, {data}", extra={"model": name, "axis": axis, "data": data, "seed": seed})
+
+
+def scaling_common_flags():
+    """The flags every run of the scaling study shares."""
+    return ["--block-size", "128", "--batch-size", "32", "--dropout", "0.1", "--eval-iters", str(SCALING["eval_iters"])]
 
 
 def second_text(args, study):
@@ -256,8 +263,7 @@ def study_scaling(args, device):
     vocab = {data: load_dataset(data, "char", block_size=128).tokenizer.vocab_size for data in ("shakespeare", second)}
     rows, large_target = scaling_rows(best_lr, vocab, second)
     kept, started = kept_rows("scaling")
-    common = ["--block-size", "128", "--batch-size", "32", "--dropout", "0.1", "--eval-iters",
-              str(SCALING["eval_iters"]), "--device", args.device]
+    common = [*scaling_common_flags(), "--device", args.device]
 
     def write(summaries):
         write_scaling(summaries, rows, best_lr, large_target, device, started, second)

@@ -370,6 +370,35 @@ def test_the_cut_after_other_text_reads_each_scored_position_after_another_segme
     assert context.after_other_text(tiny("transformer"), val) is None
 
 
+def test_a_short_validation_text_is_read_in_as_many_segments_as_it_holds(monkeypatch):
+    """lcet10's validation text holds 20 of the 32 segments: the curve reads those; and the second text's runs are
+    the regularisation study's first seed at its first setting only."""
+    import context
+    from test_models import V, tiny
+    for constant, value in (("SEGMENT", 48), ("SCORED_FROM", 24), ("SEGMENTS", 4), ("CUTS", [4, 8])):
+        monkeypatch.setattr(context, constant, value)
+    model = tiny("mamba").double()
+    val = torch.randint(V, (3 * 49 + 10,))
+    got = context.context_curve(model, val)
+    reference = context.position_losses(model, val[: 3 * 49].view(3, 49))[:, 24:].mean(1)
+    assert got["segments"] == 3 and got["loss"] == pytest.approx(reference.mean().item(), rel=1e-9)
+    rows = [{"extra": {"setting": setting, "seed": seed}} for setting in context.SETTINGS for seed in (1337, 2)]
+    assert [r["extra"] for r in context.second_text_runs(rows)] == [{"setting": "dropout 0.1", "seed": 1337}]
+
+
+def test_the_context_studys_long_runs_are_the_scaling_studys_first_seed_runs_with_snapshots():
+    import context
+    import scaling
+    theirs, _ = scaling.scaling_rows(scaling.tuned_rates(), {"shakespeare": 65, "corpus.txt": 65}, "corpus.txt")
+    ours = context.long_run_rows()
+    assert [row.name for row in ours] == [f"{m}, 20.5M tokens" for m in scaling.SCALING["length"]["models"]]
+    for row, scaling_row in zip(ours, theirs[:3]):
+        got, expected = (vars(train.parse_args(flags)) for flags in (row.flags, [*scaling.scaling_common_flags(),
+                                                                                 *scaling_row.flags]))
+        assert got.pop("snapshots") == context.LONG_SNAPSHOTS and expected.pop("snapshots") == []
+        assert got == expected and expected["max_iters"] == 5000 and expected["seed"] == 1337
+
+
 def test_loss_by_position_buckets_and_the_gap_past_the_training_length(monkeypatch):
     """length.py: each bucket's loss is the mean of the per-position losses over its positions and the sequences;
     within the first training block the two readings are the same text, so the gap there is exactly 0."""
