@@ -28,7 +28,7 @@ state carried across batches, longer blocks, floors on the gates, no gate), and 
 and the vector stack trained at block 1,024 for the same minutes each (at the presets' dropout,
 then at dropout 0); on a second text, the regularisation study's lcet10 runs at the recipe every study
 shares (8.2M tokens: best and last checkpoints), read on lcet10's validation text; last, the scaling study's
-20.5M-token runs on Tiny Shakespeare trained again with snapshots near 1M and 5M tokens. Runs the studies have
+20.5M-token runs on Tiny Shakespeare and on lcet10 trained again with snapshots near 1M and 5M tokens. Runs the studies have
 trained are reused; an evaluation is kept beside its checkpoint.
 """
 
@@ -96,6 +96,7 @@ EQUAL_TIME_PAIRS = {"": ([], 12), ", dropout 0": (["--dropout", "0"], 6)}  # nam
 EQUAL_TIME = [name + suffix for suffix in EQUAL_TIME_PAIRS for name in EQUAL_TIME_MODELS]
 SECOND_TEXT_RECIPE = "lcet10, block 128"  # the regularisation study's runs, read on lcet10's validation text
 LONG_RECIPE, LONG_SNAPSHOTS = "scaling recipe, block 128", [250, 1250]  # of 5,000 steps: 1.0M, 5.1M (20.5M at the end)
+LONG_SECOND_RECIPE = "scaling recipe, lcet10"  # the same runs on the second text, read on its validation text
 
 
 # -----------------------------------------------------------------------------
@@ -305,23 +306,37 @@ def study_context(args, device):
     for summary in second_text_runs(regularisation.get("rows", [])):
         score(summary, SECOND_TEXT_RECIPE, [("ckpt.pt", "best"), ("last.pt", "end")], (Path(data).stem, second_val))
         write()
-    for row in long_run_rows():  # the horizon along 20.5M tokens
+    # the horizon along 20.5M tokens: on Tiny Shakespeare, then on the second text where it is on this machine
+    second = args.second_data if Path(args.second_data).is_file() else None
+    if second is None:
+        tqdm.write(f"{args.second_data} is not on this machine: the 20.5M-token runs on it are left out")
+    long_val = {"shakespeare": ("Tiny Shakespeare", val)} | ({second: (Path(second).stem, torch.as_tensor(
+        load_dataset(second, "char", block_size=128).splits["val"]))} if second else {})
+    for row in long_run_rows(second):
         summary = run_rows("context", "quick", [row], ["--device", args.device], kept)[0]
         trained.append(summary)
-        score(summary, LONG_RECIPE, [(f"step-{s}.pt", f"step {s}") for s in LONG_SNAPSHOTS] + [("ckpt.pt", "best")])
+        data = row.extra["data"]
+        score(summary, LONG_RECIPE if data == "shakespeare" else LONG_SECOND_RECIPE,
+              [(f"step-{s}.pt", f"step {s}") for s in LONG_SNAPSHOTS] + [("ckpt.pt", "best")], long_val[data])
         write()
 
 
-def long_run_rows():
-    """The scaling study's first-seed runs on Tiny Shakespeare (5,000 steps of 32 x 128, each model at its swept
-    rate, cosine over the run), trained again with snapshots: the scaling study kept no checkpoints."""
-    models, _ = compared_models(IMPROVEMENT_SCALES["quick"], 65)
+def long_run_rows(second=None):
+    """The scaling study's first-seed runs (5,000 steps of 32 x 128, each model at its swept rate, cosine over the
+    run) on Tiny Shakespeare, then on the second text if given, trained again with snapshots: the scaling study
+    kept no checkpoints."""
     best_lr = tuned_rates()
-    return [Row(f"{name}, 20.5M tokens", [*scaling_common_flags(), *scaling_row(name, models[name], best_lr, "shakespeare",
-                                                                             1337, "length").flags,
-                                         "--snapshots", ",".join(map(str, LONG_SNAPSHOTS))],
-                "the scaling study's run on Tiny Shakespeare, seed 1337", extra={"model": name})
-            for name in SCALING["length"]["models"]]
+    rows = []
+    for data in ["shakespeare"] + ([second] if second else []):
+        vocab = 65 if data == "shakespeare" else load_dataset(data, "char", block_size=128).tokenizer.vocab_size
+        models, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab)
+        text = "Tiny Shakespeare" if data == "shakespeare" else Path(data).stem
+        rows += [Row(f"{name}, 20.5M tokens" + ("" if data == "shakespeare" else f", {text}"),
+                     [*scaling_common_flags(), *scaling_row(name, models[name], best_lr, data, 1337, "length").flags,
+                      "--snapshots", ",".join(map(str, LONG_SNAPSHOTS))],
+                     f"the scaling study's run on {text}, seed 1337", extra={"model": name, "data": data})
+                 for name in SCALING["length"]["models"]]
+    return rows
 
 
 def second_text_runs(regularisation_rows):
@@ -378,6 +393,10 @@ def write_context_page(evaluated, trained, device, started):
         lines.append(f"\nThe {LONG_RECIPE} rows: the scaling study's first-seed runs on Tiny Shakespeare trained again "
                      "(5,000 steps of 32 x 128, each model at its swept rate, cosine over the run), read at snapshots "
                      "near 1.0M and 5.1M tokens and at their best checkpoint.")
+    if any(e["recipe"] == LONG_SECOND_RECIPE for e in evaluated):
+        lines.append(f"\nThe {LONG_SECOND_RECIPE} rows: the same runs on lcet10 (the scaling study's first seed there, "
+                     "about 53 passes over its training text), read on lcet10's validation text at the same snapshots "
+                     "and at their best checkpoint.")
     second = [e for e in evaluated if e["recipe"] == SECOND_TEXT_RECIPE]
     if second:
         lines.append(f"\nThe {SECOND_TEXT_RECIPE} rows: the regularisation study's runs at dropout 0.1 and weight decay "
@@ -490,8 +509,8 @@ def equal_time_lines(runs, finals):
 
 def plot_curves(finals, figure):
     """A panel for nanoGPT's recipe, one for the CPU presets, one for the levers and the equal-time runs (with
-    the vector and matrix presets again, for reference), one for the 20.5M-token runs and one for the second text
-    (their models in their presets' colours); a colour per model, second seeds dashed; the Transformer's curve
+    the vector and matrix presets again, for reference), one for the 20.5M-token runs, one for the second text's
+    8.2M-token runs and one for its 20.5M-token runs (their models in their presets' colours); a colour per model, second seeds dashed; the Transformer's curve
     ends at 0 at its table."""
     preset = lambda e: e["recipe"] == "CPU preset, block 128"  # noqa: E731
     panels = [("nanoGPT recipe, block 64; second seeds dashed", lambda e: e["recipe"].startswith("nanoGPT")),
@@ -500,7 +519,8 @@ def plot_curves(finals, figure):
                lambda e: e["recipe"] in ("lever", "equal time") or preset(e) and e["name"] in ("vector stack",
                                                                                              "context matrix")),
               (f"{LONG_RECIPE}, 20.5M tokens", lambda e: e["recipe"] == LONG_RECIPE),
-              (f"{SECOND_TEXT_RECIPE}, to 8.2M tokens", lambda e: e["recipe"] == SECOND_TEXT_RECIPE)]
+              (f"{SECOND_TEXT_RECIPE}, to 8.2M tokens", lambda e: e["recipe"] == SECOND_TEXT_RECIPE),
+              (f"{LONG_SECOND_RECIPE}, 20.5M tokens", lambda e: e["recipe"] == LONG_SECOND_RECIPE)]
     panels = [(title, shown) for title, shown in panels if any(map(shown, finals))]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"] + ["black", "navy", "darkgreen", "maroon"]
     color_of = {}
@@ -511,7 +531,7 @@ def plot_curves(finals, figure):
         ax.set_visible(False)
     for ax, (title, shown) in zip(axes.flat, panels):
         for e in filter(shown, finals):
-            by_model = e["recipe"] in (LONG_RECIPE, SECOND_TEXT_RECIPE)  # drawn in its preset's colour
+            by_model = e["recipe"] in (LONG_RECIPE, SECOND_TEXT_RECIPE, LONG_SECOND_RECIPE)  # drawn in its preset's colour
             model = e["name"].split(",")[0] if by_model else None
             cuts = [int(c) for c in e["curve"]]
             values = [e["curve"][str(c)][0] for c in cuts]

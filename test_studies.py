@@ -386,13 +386,18 @@ def test_a_short_validation_text_is_read_in_as_many_segments_as_it_holds(monkeyp
     assert [r["extra"] for r in context.second_text_runs(rows)] == [{"setting": "dropout 0.1", "seed": 1337}]
 
 
-def test_the_context_studys_long_runs_are_the_scaling_studys_first_seed_runs_with_snapshots():
+def test_the_context_studys_long_runs_are_the_scaling_studys_first_seed_runs_with_snapshots(tmp_path):
     import context
     import scaling
-    theirs, _ = scaling.scaling_rows(scaling.tuned_rates(), {"shakespeare": 65, "corpus.txt": 65}, "corpus.txt")
-    ours = context.long_run_rows()
-    assert [row.name for row in ours] == [f"{m}, 20.5M tokens" for m in scaling.SCALING["length"]["models"]]
-    for row, scaling_row in zip(ours, theirs[:3]):
+    second = tmp_path / "corpus.txt"
+    second.write_text("".join(chr(33 + i % 50) for i in range(30000)))  # a small second text
+    theirs, _ = scaling.scaling_rows(scaling.tuned_rates(), {"shakespeare": 65, str(second): 50}, str(second))
+    ours = context.long_run_rows(str(second))
+    models = scaling.SCALING["length"]["models"]
+    assert [row.name for row in ours] == [f"{m}, 20.5M tokens" for m in models] + [
+        f"{m}, 20.5M tokens, corpus" for m in models]
+    assert [row.name for row in context.long_run_rows()] == [row.name for row in ours[:3]]
+    for row, scaling_row in zip(ours, theirs[:3] + theirs[-3:]):
         got, expected = (vars(train.parse_args(flags)) for flags in (row.flags, [*scaling.scaling_common_flags(),
                                                                                  *scaling_row.flags]))
         assert got.pop("snapshots") == context.LONG_SNAPSHOTS and expected.pop("snapshots") == []
