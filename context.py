@@ -8,7 +8,8 @@ Each model is scored on validation text with its reading cut to the last w chara
 so every scored position reads w/2 + 1 to w characters), and with no cut (the whole
 2,048-character segment from its start). Positions 1,024 to 2,047 of 32 segments are scored,
 well past every training length here. The curve is the loss above reading everything, against w;
-a model's **memory horizon** is the smallest w from which on it stays within 0.002 nats of no cut.
+a model's **memory horizon** is the smallest w such that reading the last w characters, or any longer cut,
+costs at most 0.002 nats over reading everything (a cut that reads better counts too).
 The Transformer cannot read past its position table: its curve ends there, and its "no cut" is
 the window of its table.
 
@@ -155,7 +156,8 @@ def segments_of(val):
 
 
 def horizon_of(curve):
-    """The smallest w from which on the loss stays within the tolerance of no cut; None: no such w."""
+    """The smallest w such that this cut and every longer one cost at most the tolerance over no cut (one-sided: a
+    cut that reads better counts too); None: no such w."""
     within = [cut for cut in curve if all(curve[c][0] <= HORIZON_TOLERANCE for c in curve if c >= cut)]
     return min(within) if within else None
 
@@ -382,7 +384,10 @@ def write_context_page(evaluated, trained, device, started):
              "## The context-use curve\n",
              "Loss above reading everything when the model reads only the last w characters (mean over segments; "
              "± twice its standard error, ± 0.001 or less unless shown). Memory horizon: the smallest w from which "
-             f"on the loss stays within {HORIZON_TOLERANCE} nats of no cut (the Transformer: of its table).\n",
+             f"on every cut costs at most {HORIZON_TOLERANCE} nats over no cut (a cut that reads better counts too; "
+             "the Transformer's no cut is its table, its learned position table, as long as its training "
+             "block; —: past the table, not read). Column w: each scored character reads the w/2 + 1 to w characters "
+             "before it (w = 32: 17–32).\n",
              "| model | recipe | checkpoint | tokens | loss, no cut | " + " | ".join(f"w={c}" for c in CUTS)
              + " | horizon |", "|" + "---|" * (len(CUTS) + 6)]
     for e in evaluated:
