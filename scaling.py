@@ -205,13 +205,20 @@ def tuned_rates():
     return best
 
 
+def swept_models():
+    """The models whose sweep has finished: its last step, the second seed at the best rate, has run."""
+    return {s["extra"]["model"] for s in committed_results("lr-sweep").get("rows", [])
+            if s["extra"].get("seed") == SECOND_SEED}
+
+
 # -----------------------------------------------------------------------------
 # training length and model size
 
 SCALING = dict(
     # the length axis: the quick budget's models and batches, 5,000 steps = 20.5M tokens, evaluated every
     # 250 steps (1.02M tokens) on 40 fixed batches (164k tokens: all of Tiny Shakespeare's validation text)
-    length=dict(steps=5000, eval_every=250, models=("Transformer", "vector stack", "context matrix")),
+    length=dict(steps=5000, eval_every=250, models=("Transformer", "vector stack", "context matrix"),
+                field=("LSTM", "Mamba")),  # both seeds on Tiny Shakespeare, each once its sweep has finished
     # the size axis: width 256 (about 3.2M parameters), 1,500 steps = 6.1M tokens
     size=dict(steps=1500, eval_every=250, models=("Transformer", "vector stack"),
               scale=dict(IMPROVEMENT_SCALES["quick"], transformer=["--embed-dim", "256", "--heads", "4", "--layers", "4"],
@@ -220,9 +227,9 @@ SCALING = dict(
 )
 
 
-def scaling_rows(best_lr, vocab, second):
+def scaling_rows(best_lr, vocab, second, field=()):
     """The runs, most telling first: one seed of each model on Tiny Shakespeare, the larger size, the
-    second seed, then the second text."""
+    second seed, the second text, then the field's models named in `field` (both seeds, Tiny Shakespeare)."""
     length, size = SCALING["length"], SCALING["size"]
     small, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab["shakespeare"])
     large, large_target = compared_models(size["scale"], vocab["shakespeare"])
@@ -232,6 +239,9 @@ def scaling_rows(best_lr, vocab, second):
     rows += [row(m, large[m], "shakespeare", 1337, "size") for m in size["models"]]
     rows += [row(m, small[m], "shakespeare", 2, "length") for m in length["models"]]
     rows += [row(m, second_models[m], second, 1337, "length") for m in length["models"]]
+    if field:
+        field_models, _ = compared_models(IMPROVEMENT_SCALES["quick"], vocab["shakespeare"], field=True)
+        rows += [row(m, field_models[m], "shakespeare", seed, "length") for m in field for seed in (1337, SECOND_SEED)]
     return rows, large_target
 
 
@@ -261,7 +271,8 @@ def study_scaling(args, device):
     second = second_text(args, "scaling")
     best_lr = tuned_rates()
     vocab = {data: load_dataset(data, "char", block_size=128).tokenizer.vocab_size for data in ("shakespeare", second)}
-    rows, large_target = scaling_rows(best_lr, vocab, second)
+    field = [m for m in SCALING["length"]["field"] if m in swept_models()]
+    rows, large_target = scaling_rows(best_lr, vocab, second, field)
     kept, started = kept_rows("scaling")
     common = [*scaling_common_flags(), "--device", args.device]
 

@@ -202,6 +202,29 @@ def test_lr_sweep_widens_an_edge_then_runs_second_seeds_all_in_its_own_study(mon
     assert {"LSTM, lr 0.008", "Mamba, lr 0.016", "Mamba, lr 0.008, seed 2", "context matrix, 8 heads, lr 0.008, seed 2"} <= last
 
 
+def test_scaling_adds_the_fields_models_once_their_sweep_has_finished(monkeypatch):
+    """The LSTM and Mamba join the length axis (both seeds, Tiny Shakespeare, each at its swept rate) only once
+    the sweep's second seed has run for them: a rate still being swept would be trained for 20M tokens."""
+    import argparse
+    import scaling
+    sweep_rows = [{"extra": {"model": "LSTM", "lr": 0.032, "seed": 2}}, {"extra": {"model": "Mamba", "lr": 0.001}}]
+    monkeypatch.setattr(scaling, "committed_results", lambda study: {"rows": sweep_rows})
+    assert scaling.swept_models() == {"LSTM"}
+    monkeypatch.setattr(scaling, "tuned_rates", lambda: {"Transformer": 8e-3, "vector stack": 0.016,
+                                                         "context matrix": 8e-3, "LSTM": 0.032, "Mamba": 1e-3})
+    monkeypatch.setattr(scaling, "kept_rows", lambda study: ([], 0))
+    trained = []
+    monkeypatch.setattr(scaling, "run_rows", lambda study, budget, rows, *a, **k: trained.extend(rows) or [])
+    monkeypatch.setattr(scaling, "write_scaling", lambda *a: None)
+    scaling.study_scaling(argparse.Namespace(second_data="data/tinyshakespeare.txt", device="cpu"), None)
+    field = [row for row in trained if row.extra["model"] in ("LSTM", "Mamba")]
+    assert [(r.extra["model"], r.extra["seed"], r.extra["data"]) for r in field] == [
+        ("LSTM", 1337, "shakespeare"), ("LSTM", 2, "shakespeare")]
+    args = train.parse_args(field[1].flags)
+    assert args.arch == "lstm" and args.lr == 0.032 and args.max_iters == 5000 and args.seed == 2
+    assert trained[-2:] == field  # after every other run: a finished study never reorders
+
+
 def test_scaling_noise_rereads_each_runs_own_validation_batches(corpus, tmp_path, monkeypatch):
     """The batch-by-batch losses of each best checkpoint average to the loss its run recorded, so the paired
     difference is the gap the study reports, with a standard error beside it."""
@@ -397,7 +420,7 @@ def test_the_context_studys_long_runs_are_the_scaling_studys_first_seed_runs_wit
     assert [row.name for row in ours] == [f"{m}, 20.5M tokens" for m in models] + [
         f"{m}, 20.5M tokens, corpus" for m in models]
     assert [row.name for row in context.long_run_rows()] == [row.name for row in ours[:3]]
-    for row, scaling_row in zip(ours, theirs[:3] + theirs[-3:]):
+    for row, scaling_row in zip(ours, [r for r in theirs if r.extra["seed"] == 1337 and r.extra["axis"] == "length"]):
         got, expected = (vars(train.parse_args(flags)) for flags in (row.flags, [*scaling.scaling_common_flags(),
                                                                                  *scaling_row.flags]))
         assert got.pop("snapshots") == context.LONG_SNAPSHOTS and expected.pop("snapshots") == []
