@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -120,6 +121,7 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
             summary = {"best_val_loss": None, "diverged": str(error), "out_dir": str(out)}
         log = read_log(out / "log.jsonl") if (out / "log.jsonl").exists() else []
         summary.update(labels_of(row), flags=flags, command=command_of(row),
+                       hardware=read_json(out / "config.json")["hardware"], date=time.strftime("%Y-%m-%d"),
                        wall_s=log[-1]["time_s"] if log else 0.0,
                        best_val_acc=max((r["val_acc"] for r in log), default=None),
                        curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_loss", "val_loss")} for r in log])
@@ -151,13 +153,23 @@ def corpus_label(data):
     return "Tiny Shakespeare" if data == "shakespeare" else Path(data).name
 
 
-def header(study, budget, device, data, started, extra="", command=None):
-    """The lines that say how a table was made."""
+def header(study, budget, device, data, started, extra="", command=None, runs=()):
+    """The lines that say how a table was made (runs: the summaries it shows, which say where each one ran)."""
     data_flag = f" --data {data}" if data not in ("shakespeare", "recall") else ""
     command = command or f"python experiments.py {study} --budget {budget}{data_flag}"
-    return (f"Measured {time.strftime('%Y-%m-%d', time.localtime(started))} on {hardware(device)}, "
+    return (f"Measured from {time.strftime('%Y-%m-%d', time.localtime(started))} on {machines(runs, device)}, "
             f"torch {torch.__version__}; budget `{budget}`; data `{data}`. {extra}\n"
             f"Command: `{command}`.\n")
+
+
+def machines(runs, device):
+    """Where the runs were trained, each machine with its number of runs; the machine writing the page for runs
+    that did not record theirs (and for a page of no runs)."""
+    here = hardware(device)
+    counts = Counter(run.get("hardware", here) for run in runs) or Counter({here: 0})
+    if len(counts) == 1:
+        return next(iter(counts))
+    return " and ".join(f"{machine} ({n} run{'s' * (n != 1)})" for machine, n in counts.items())
 
 
 def write_results(study, markdown, payload, figure_paths):

@@ -211,7 +211,7 @@ def recall_table(summaries, budget, budget_name, device, started):
     longer = [f"{n} pairs in {length}" for length, n in budget["longer"]]
     hardest, kv_cache = max(budget["pairs"]), summaries[0]["state_floats"]
     lines = [f"# Associative recall against facts and state size ({budget_name})\n",
-             header("recall", budget_name, device, "recall", started,
+             header("recall", budget_name, device, "recall", started, runs=summaries, extra=
                     f"Sequences of {budget['block']} tokens, vocabulary {budget['vocab']}, trained on a mix of "
                     f"{'/'.join(map(str, budget['pairs']))} key-value pairs, {budget['steps']:,} steps of 32 "
                     f"sequences at learning rate {budget['lr']} (or the rate in the model's name); accuracy on 512 "

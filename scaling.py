@@ -123,7 +123,7 @@ def write_sweep(name, summaries, grid, args, device, target, started):
     rates = sorted({lr for lrs in grid.values() for lr in lrs})
     cell = {(s["extra"]["model"], s["extra"]["lr"]): s for s in swept(summaries)}
     lines = ["# Each model at its own best learning rate\n",
-             header("lr-sweep", args.budget, device, args.data, started,
+             header("lr-sweep", args.budget, device, args.data, started, runs=summaries, extra=
                     f"Every run: the improvements study's settings ({max(s.get('tokens', 0) for s in summaries):,} training "
                     f"tokens, parameters matched to the Transformer's {target:,}), only the peak learning rate "
                     "changes (warmup, then cosine decay to a tenth). Best validation loss; bold: each model's best."),
@@ -300,7 +300,8 @@ def crossing(gaps):
 def write_scaling(summaries, rows, best_lr, large_target, device, started, second):
     done = {s["name"]: s for s in summaries}
     lines = ["# Does the lead hold? Longer training and a larger size\n",
-             header("scaling", "quick", device, "shakespeare", started, command="python experiments.py scaling", extra=(
+             header("scaling", "quick", device, "shakespeare", started, runs=summaries,
+                    command="python experiments.py scaling", extra=(
                     f"Every model at its best learning rate from results/lr-sweep.md ("
                     + ", ".join(f"{m} {lr:g}" for m, lr in best_lr.items()) + "); batches of 32 x 128 characters, "
                     f"dropout 0.1, cosine decay over the whole run, validation on {SCALING['eval_iters']} fixed batches "

@@ -93,6 +93,12 @@ def test_a_study_skips_finished_rows_and_keeps_other_corpora_apart(corpus, tmp_p
     first = experiments.run_rows(name, "quick", rows, common)
     log = read_log(tmp_path / "runs/experiments/improvements-corpus-quick/tiny-row")
     assert first[0]["best_val_loss"] == pytest.approx(min(r["val_loss"] for r in log))
+    here = experiments.hardware(torch.device("cpu"))
+    assert first[0]["hardware"] == here  # where each run was trained, for the page's header
+    another = dict(first[0], hardware="2 threads of another CPU")
+    assert experiments.machines([first[0]], torch.device("cpu")) == here
+    assert experiments.machines([first[0], another, another], torch.device("cpu")) == (
+        f"{here} (1 run) and 2 threads of another CPU (2 runs)")
     # a partial write after a new row shows every finished row, also those later in the list
     written = []
     new_first = [experiments.Row("new row", ["--arch", "newllm", *TINY, "--seed", "2"]), *rows]
