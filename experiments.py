@@ -89,9 +89,9 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
     def finished(row):
         """The row's summary if it was trained already (here, or on another machine, on any device), else None;
         its numbers are kept, its labels come from today's rows."""
-        if here := trained_here(row):
-            return dict(here, **labels_of(row))
         saved = kept.get(row.name, {})
+        if here := trained_here(row):  # a run folder from before runs recorded their machine: the committed one
+            return {**({"hardware": saved["hardware"]} if "hardware" in saved else {}), **here, **labels_of(row)}
         saved_flags = saved.get("flags") or saved.get("command", "").split()[2:]  # "python train.py <flags>"
         if same_run(saved_flags) == same_run(flags_of(row)):
             return dict(saved, **labels_of(row))
