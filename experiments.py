@@ -319,7 +319,7 @@ def write_improvements(args, device, name, started, target, rows, summaries, bes
         by_group.setdefault(s["group"], []).append(s["best_val_loss"])
     reference, _ = mean_spread(by_group["Transformer"])
     lines = [f"# Closing the gap: the report's improvements, one at a time ({args.budget})\n",
-             header("improvements", args.budget, device, args.data, started,
+             header("improvements", args.budget, device, args.data, started, runs=summaries, extra=
                     f"Every row: {summaries[0]['tokens']:,} training tokens, parameters matched to the "
                     f"Transformer's {target:,} within 5%. Character-level; loss in nats per character."),
              "| row | params | best val loss | vs Transformer | train tokens/s | wall time | what it adds |",
