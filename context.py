@@ -91,10 +91,15 @@ SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-n
                     extra={"model": "vector stack"})]
 # training long at equal time: block 1,024 (4 sequences, the presets' 4,096 tokens a step), the same minutes each
 # (at the presets' dropout 0.1 the Transformer's attention at this length runs 5x slower on a CPU than at dropout
-# 0, so the pair runs twice: as the presets train, and at dropout 0, for 6 minutes each)
-EQUAL_TIME_MODELS = {"Transformer, block 1024": "transformer-cpu", "vector stack, block 1024": "best-newllm-cpu"}
-EQUAL_TIME_PAIRS = {"": ([], 12), ", dropout 0": (["--dropout", "0"], 6)}  # name suffix: (flags, minutes)
-EQUAL_TIME = [name + suffix for suffix in EQUAL_TIME_PAIRS for name in EQUAL_TIME_MODELS]
+# 0, so the pair runs twice: as the presets train, and at dropout 0, for 6 minutes each). The Transformer never
+# leaves its plateau at block 1,024 in those minutes, so the dropout 0 group adds it at its own block, 128.
+EQUAL_TIME_MODELS = {"Transformer, block 1024": ("transformer-cpu", 1024), "vector stack, block 1024":
+                     ("best-newllm-cpu", 1024), "Transformer, block 128": ("transformer-cpu", 128)}  # preset, block
+EQUAL_TIME_PAIRS = {"": ([], 12, list(EQUAL_TIME_MODELS)[:2]),  # name suffix: (flags, minutes, models)
+                    ", dropout 0": (["--dropout", "0"], 6, list(EQUAL_TIME_MODELS))}
+EQUAL_TIME = [name + suffix for suffix, (_, _, models) in EQUAL_TIME_PAIRS.items() for name in models]
+EQUAL_TIME_TOKENS = 4096  # a step's tokens, whatever the block
+TIMINGS = Path("runs/experiments/context-quick/equal-time.json")
 SECOND_TEXT_RECIPE = "lcet10, block 128"  # the regularisation study's runs, read on lcet10's validation text
 LONG_RECIPE, LONG_SNAPSHOTS = "scaling recipe, block 128", [250, 1250]  # of 5,000 steps: 1.0M, 5.1M (20.5M at the end)
 LONG_SECOND_RECIPE = "scaling recipe, lcet10"  # the same runs on the second text, read on its validation text
@@ -351,33 +356,47 @@ def second_text_runs(regularisation_rows):
 def equal_time_rows(device):
     """The equal-time rows: each pair's models train for the same minutes of optimiser steps, the number of steps
     set from the model's median training step timed here as the study starts (bench.py's timing; nothing else may
-    run then) and kept in the study's folder, so that a resumed study trains the same rows."""
-    kept_path = Path("runs/experiments/context-quick/equal-time.json")
-    timed = read_json(kept_path) if kept_path.exists() else {}
+    run then). The timings are kept in the study's folder and in its results, so that a resumed study, here or on
+    another machine, trains the same rows; a pair with a model not yet timed is timed again whole, on one machine."""
+    timed = equal_time_timings()
     rows = []
-    for suffix, (pair_flags, minutes) in EQUAL_TIME_PAIRS.items():
-        for model_name, preset in EQUAL_TIME_MODELS.items():
-            name, flags = model_name + suffix, ["--preset", preset, "--block-size", "1024", "--batch-size", "4", *pair_flags]
-            if name not in timed:
-                args = train.parse_args(flags)
-                torch.manual_seed(0)
-                model = build_model(args.arch, **train.model_config_from_args(args, 65)).to(device)
-                tokens_per_s = bench.train_throughput(model, 1024, 4096, device, repeats=7)
-                timed[name] = {"tokens_per_s": tokens_per_s, "steps": round(minutes * 60 * tokens_per_s / 4096)}
-                kept_path.parent.mkdir(parents=True, exist_ok=True)
-                write_json(kept_path, timed)
+    for suffix, (pair_flags, minutes, models) in EQUAL_TIME_PAIRS.items():
+        flags = {name + suffix: ["--preset", EQUAL_TIME_MODELS[name][0], "--block-size", str(EQUAL_TIME_MODELS[name][1]),
+                                 "--batch-size", str(EQUAL_TIME_TOKENS // EQUAL_TIME_MODELS[name][1]), *pair_flags]
+                 for name in models}
+        if any(name not in timed for name in flags):
+            for name, row_flags in flags.items():
+                timed[name] = time_training_step(row_flags, minutes, device)
+            TIMINGS.parent.mkdir(parents=True, exist_ok=True)
+            write_json(TIMINGS, timed)
+        for name, row_flags in flags.items():
             steps = timed[name]["steps"]
-            rows.append(Row(name, [*flags, "--max-iters", str(steps), "--eval-interval", str(max(1, steps // 15))],
-                            f"block 1,024 for {minutes} minutes of training steps here: {steps:,} steps "
+            block = row_flags[row_flags.index("--block-size") + 1]
+            rows.append(Row(name, [*row_flags, "--max-iters", str(steps), "--eval-interval", str(max(1, steps // 15))],
+                            f"block {int(block):,} for {minutes} minutes of training steps here: {steps:,} steps "
                             f"(timed at {timed[name]['tokens_per_s']:,.0f} tokens/s)", group=name,
-                            extra={"model": model_name.split(",")[0]}))
+                            extra={"model": name.split(",")[0]}))
     return rows
+
+
+def equal_time_timings():
+    """Each equal-time row's timing: from this machine's study folder, else from the committed results."""
+    return read_json(TIMINGS) if TIMINGS.exists() else committed_results("context").get("equal_time", {})
+
+
+def time_training_step(flags, minutes, device):
+    """The row's training tokens/s on this machine, and the steps that fill the minutes."""
+    args = train.parse_args(flags)
+    torch.manual_seed(0)
+    model = build_model(args.arch, **train.model_config_from_args(args, 65)).to(device)
+    tokens_per_s = bench.train_throughput(model, args.block_size, EQUAL_TIME_TOKENS, device, repeats=7)
+    return {"tokens_per_s": tokens_per_s, "steps": round(minutes * 60 * tokens_per_s / EQUAL_TIME_TOKENS)}
 
 
 def write_context_page(evaluated, trained, device, started):
     finals = [e for e in evaluated if e["checkpoint"] == "best"]
     lines = ["# How far back does each model read?\n",
-             header("context", "quick", device, "shakespeare", started,
+             header("context", "quick", device, "shakespeare", started, runs=trained, extra=
                     f"Tiny Shakespeare's validation text in {evaluated[0]['segments']} segments of {SEGMENT:,} "
                     f"characters, positions {SCORED_FROM:,} to {SEGMENT - 1:,} scored. Loss in nats per character.",
                     command="python experiments.py context"),
@@ -436,7 +455,8 @@ def write_context_page(evaluated, trained, device, started):
     figure = RESULTS / "context.png"
     plot_curves(finals, figure)
     lines.append("\n![context-use curves](context.png)\n")
-    write_results("context", "\n".join(lines) + "\n", {"started": started, "rows": trained, "evaluated": evaluated},
+    write_results("context", "\n".join(lines) + "\n", {"started": started, "rows": trained, "evaluated": evaluated,
+                                                         "equal_time": equal_time_timings()},
                   [figure])
 
 
@@ -479,36 +499,39 @@ def other_text_section(finals):
 
 def equal_time_section(finals, trained):
     """The equal-time runs side by side: what each got from its minutes, its loss at its own length (validation
-    windows of 1,024 from a zero state) and reading everything, and its best validation loss within the shorter
-    of the two training times (the timing that sets the steps is not exact)."""
+    windows of its block from a zero state) and reading everything, and its best validation loss within the shortest
+    of its group's training times (the timing that sets the steps is not exact)."""
     if not any(s["name"] in EQUAL_TIME for s in trained):
         return []
     lines = ["\n## Training long at equal time\n",
-             "Block 1,024, batch 4 (4,096 tokens a step), the two models of a pair for the same minutes of training "
-             "steps on this machine, the number of steps set from a timing of each model's step first (the row's "
-             "note; the timing is not exact, so the table also gives each model's best validation loss within the "
-             "shorter of the pair's two training times). Validation loss at 1,024: random windows of 1,024 "
-             "characters, each read from a zero state.\n",
-             "| model | steps | tokens | training time | validation loss at 1,024 | the same, within the pair's "
-             "shorter time | loss reading everything | horizon |", "|---|---|---|---|---|---|---|---|"]
-    for suffix in EQUAL_TIME_PAIRS:
-        pair = [s for s in trained if s["name"] in [name + suffix for name in EQUAL_TIME_MODELS]]
-        lines += equal_time_lines(pair, finals)
+             "4,096 tokens a step (block 1,024: batch 4; block 128: batch 32); the models of a group for the same "
+             "minutes of training steps on one machine, the number of steps set from a timing of each model's step "
+             "first (the row's note; the timing is not exact, so the table also gives each model's best validation "
+             "loss within the shortest of its group's training times). Validation loss at its block: random windows of "
+             "the model's block, each read from a zero state; the loss reading everything is the context-use curve's "
+             f"(positions {SCORED_FROM:,} to {SEGMENT - 1:,} of segments of {SEGMENT:,}, the Transformer through its "
+             "table): the same characters for every model.\n",
+             "| model | steps | tokens | training time | validation loss at its block | the same, within the group's "
+             "shortest time | loss reading everything | horizon |", "|---|---|---|---|---|---|---|---|"]
+    for suffix, (_, _, models) in EQUAL_TIME_PAIRS.items():
+        group = [s for s in trained if s["name"] in [name + suffix for name in models]]
+        lines += equal_time_lines(group, finals)
     return lines
 
 
 def equal_time_lines(runs, finals):
-    """The table's lines for one pair."""
-    lines, slowest = [], min((s["train_time_s"] for s in runs), default=0)
+    """The table's lines for one group."""
+    lines, shortest = [], min((s["train_time_s"] for s in runs), default=0)
     for s in runs:
         log_path = Path(s["out_dir"]) / "log.jsonl"
-        log = read_log(log_path) if log_path.exists() else []
-        in_time = [r["val_loss"] for r in log if r["train_time_s"] <= slowest * 1.02]  # 2%: evaluations fall between
+        curve = s["curve"] if s.get("curve") and all("train_time_s" in r for r in s["curve"]) else \
+            read_log(log_path) if log_path.exists() else []
+        in_time = [r["val_loss"] for r in curve if r["train_time_s"] <= shortest * 1.02]  # 2%: evaluations fall between
         e = next((e for e in finals if e["name"] == s["name"]), None)
         within = f"{min(in_time):.4f}" if in_time else "—"
         reading = f"{e['loss']:.4f} | {e['horizon']:,}" if e else "— | —"
         lines.append(f"| {s['name']} | {s['steps']:,} | {s['tokens'] / 1e6:.1f}M | {s['train_time_s'] / 60:.1f} min | "
-                     f"{s['best_val_loss']:.4f} | {within} ({slowest / 60:.1f} min) | {reading} |")
+                     f"{s['best_val_loss']:.4f} | {within} ({shortest / 60:.1f} min) | {reading} |")
     return lines
 
 

@@ -124,7 +124,8 @@ def run_rows(study, budget, rows, common_flags, kept=None, after_each=None, may_
                        hardware=read_json(out / "config.json")["hardware"], date=time.strftime("%Y-%m-%d"),
                        wall_s=log[-1]["time_s"] if log else 0.0,
                        best_val_acc=max((r["val_acc"] for r in log), default=None),
-                       curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_loss", "val_loss")} for r in log])
+                       curve=[{k: r[k] for k in ("step", "tokens", "time_s", "train_time_s", "train_loss", "val_loss")}
+                              for r in log])
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         summaries.append(summary)
         if after_each:  # everything finished so far, including later rows trained in an earlier sitting

@@ -28,7 +28,7 @@ import torch
 from context import kept_beside, position_losses
 from data import load_dataset
 from cli import UserError
-from experiments import RESULTS, committed_results, header, slug, write_results
+from experiments import RESULTS, committed_results, hardware, header, slug, write_results
 
 LONGEST = 8192
 EDGES = [0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]  # bucket i: positions EDGES[i] + 1 .. EDGES[i + 1]
@@ -56,22 +56,26 @@ def study_length(args, device):
     scored = committed_results("context").get("evaluated", [])
     if not scored:
         raise UserError("the length study scores the context study's models: run `python experiments.py context` first")
+    measured_before = {(m["name"], m["recipe"]): m for m in committed_results("length").get("models", [])}
     measured = []
     for e in (e for e in scored if e["checkpoint"] == "best" and "(seed" not in e["name"]):
         study = "nanogpt-cpu" if e["recipe"].startswith("nanoGPT") else "context"
         path = Path("runs/experiments") / f"{study}-quick" / slug(e["name"]) / "ckpt.pt"
-        if not path.exists():
-            print(f"{e['name']} ({e['recipe']}): its checkpoint is not on this machine, left out")
+        if not path.exists():  # trained on another machine: its committed numbers, if it was ever measured
+            if (e["name"], e["recipe"]) in measured_before:
+                measured.append(measured_before[e["name"], e["recipe"]])
+            else:
+                print(f"{e['name']} ({e['recipe']}): its checkpoint is not on this machine and was never measured, left out")
             continue
         result = kept_beside(path, "length", [LONGEST, EDGES, "paired"], lambda model: losses_by_position(model, val), device)
-        measured.append(dict(result, name=e["name"], recipe=e["recipe"]))
+        measured.append(dict(result, name=e["name"], recipe=e["recipe"], hardware=hardware(device)))
     write_length_page(measured, device, started)
 
 
 def write_length_page(measured, device, started):
     buckets = [f"{a + 1:,}–{b:,}" for a, b in zip(EDGES, EDGES[1:])]
     lines = ["# Loss against position\n",
-             header("length", "quick", device, "shakespeare", started,
+             header("length", "quick", device, "shakespeare", started, runs=measured, extra=
                     f"Tiny Shakespeare's validation text in {measured[0]['sequences']} sequences of {LONGEST:,} "
                     "characters, each read from its start; each model's best checkpoint of the context study "
                     "(first seeds). Loss in nats per character, averaged over the positions of each bucket.",

@@ -433,6 +433,47 @@ def test_the_context_studys_long_runs_are_the_scaling_studys_first_seed_runs_wit
         assert got == expected and expected["max_iters"] == 5000 and expected["seed"] == 1337
 
 
+def test_equal_time_steps_survive_a_new_machine_and_a_group_is_timed_on_one(tmp_path, monkeypatch):
+    """The equal-time rows' steps come from the study folder, else from the committed results (a machine that
+    lost its folders trains the same rows); a group with a model not yet timed is timed again whole."""
+    import context
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(context, "TIMINGS", tmp_path / "runs" / "equal-time.json")
+    timed = []
+
+    def fake_timing(flags, minutes, device):
+        timed.append(flags[flags.index("--block-size") + 1])
+        return {"tokens_per_s": 1000.0 * minutes, "steps": minutes * 10 + len(timed)}
+
+    monkeypatch.setattr(context, "time_training_step", fake_timing)
+    first_group = [name for name in context.EQUAL_TIME if not name.endswith("dropout 0")]
+    committed = {name: {"tokens_per_s": 1.0, "steps": 7} for name in first_group}
+    monkeypatch.setattr(context, "committed_results", lambda study: {"equal_time": committed})
+    rows = {row.name: row for row in context.equal_time_rows(torch.device("cpu"))}
+    assert timed == ["1024", "1024", "128"]  # only the untimed group, all three of it
+    assert all(rows[name].flags[rows[name].flags.index("--max-iters") + 1] == "7" for name in first_group)
+    transformer_128 = train.parse_args(rows["Transformer, block 128, dropout 0"].flags)
+    assert (transformer_128.block_size * transformer_128.batch_size, transformer_128.dropout) == (4096, 0.0)
+    assert json.loads(context.TIMINGS.read_text())["Transformer, block 128, dropout 0"]["steps"] == 63
+    context.equal_time_rows(torch.device("cpu"))  # now every model is timed: nothing is timed again
+    assert len(timed) == 3
+
+
+def test_length_keeps_the_committed_numbers_of_a_checkpoint_not_on_this_machine(tmp_path, monkeypatch):
+    import length
+    monkeypatch.chdir(tmp_path)
+    scored = [{"name": "vector stack", "recipe": "lever", "checkpoint": "best"},
+              {"name": "Transformer", "recipe": "lever", "checkpoint": "best"}]
+    measured_before = {"name": "vector stack", "recipe": "lever", "everything": [[1.5, 0.01]], "hardware": "elsewhere"}
+    monkeypatch.setattr(length, "committed_results",
+                        lambda study: {"evaluated": scored} if study == "context" else {"models": [measured_before]})
+    monkeypatch.setattr(length, "load_dataset", lambda *args, **kwargs: type("D", (), {"splits": {"val": [0] * 10}}))
+    pages = []
+    monkeypatch.setattr(length, "write_length_page", lambda measured, device, started: pages.append(measured))
+    length.study_length(None, torch.device("cpu"))
+    assert pages == [[measured_before]]  # the Transformer was never measured: left out, not invented
+
+
 def test_loss_by_position_buckets_and_the_gap_past_the_training_length(monkeypatch):
     """length.py: each bucket's loss is the mean of the per-position losses over its positions and the sequences;
     within the first training block the two readings are the same text, so the gap there is exactly 0."""
