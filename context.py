@@ -92,11 +92,13 @@ SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-n
 # training long at equal time: block 1,024 (4 sequences, the presets' 4,096 tokens a step), the same minutes each
 # (at the presets' dropout 0.1 the Transformer's attention at this length runs 5x slower on a CPU than at dropout
 # 0, so the pair runs twice: as the presets train, and at dropout 0, for 6 minutes each). The Transformer never
-# leaves its plateau at block 1,024 in those minutes, so the dropout 0 group adds it at its own block, 128.
+# leaves its plateau at block 1,024 in those minutes, so the dropout 0 group adds it at its own block, 128, and
+# runs the vector stack and that Transformer again with a second seed.
 EQUAL_TIME_MODELS = {"Transformer, block 1024": ("transformer-cpu", 1024), "vector stack, block 1024":
                      ("best-newllm-cpu", 1024), "Transformer, block 128": ("transformer-cpu", 128)}  # preset, block
 EQUAL_TIME_PAIRS = {"": ([], 12, list(EQUAL_TIME_MODELS)[:2]),  # name suffix: (flags, minutes, models)
-                    ", dropout 0": (["--dropout", "0"], 6, list(EQUAL_TIME_MODELS))}
+                    ", dropout 0": (["--dropout", "0"], 6, list(EQUAL_TIME_MODELS)),
+                    ", dropout 0 (seed 2)": (["--dropout", "0", "--seed", "2"], 6, list(EQUAL_TIME_MODELS)[1:])}
 EQUAL_TIME = [name + suffix for suffix, (_, _, models) in EQUAL_TIME_PAIRS.items() for name in models]
 EQUAL_TIME_TOKENS = 4096  # a step's tokens, whatever the block
 TIMINGS = Path("runs/experiments/context-quick/equal-time.json")
@@ -260,7 +262,7 @@ def study_context(args, device):
     presets = [Row(name, ["--preset", preset, "--snapshots", ",".join(map(str, SNAPSHOTS))], extra={"model": name})
                for name, preset in PRESET_ROWS.items()]
     kept, started = kept_rows("context")
-    scored_before = {(e["name"], e["checkpoint"]): e for e in committed_results("context").get("evaluated", [])}
+    scored_before = kept_scores(committed_results("context").get("evaluated", []))
     evaluated, trained = [], []
 
     def score(summary, recipe, checkpoints, text=("Tiny Shakespeare", val)):
@@ -283,8 +285,8 @@ def study_context(args, device):
                 evaluated.append(dict(result, name=summary["name"], group=summary["group"], recipe=recipe, gates=gates,
                                       other_text=other, text=text_name,
                                       checkpoint=label, tokens=result["step"] * summary["tokens"] // summary["steps"]))
-            elif (summary["name"], label) in scored_before:
-                evaluated.append(scored_before[summary["name"], label])
+            elif (summary["name"], recipe, label) in scored_before:
+                evaluated.append(scored_before[summary["name"], recipe, label])
             else:
                 tqdm.write(f"{path} is not on this machine and was never scored: left out")
 
@@ -326,6 +328,12 @@ def study_context(args, device):
         score(summary, LONG_RECIPE if data == "shakespeare" else LONG_SECOND_RECIPE,
               [(f"step-{s}.pt", f"step {s}") for s in LONG_SNAPSHOTS] + [("ckpt.pt", "best")], long_val[data])
         write()
+
+
+def kept_scores(evaluated):
+    """The committed scores by run, recipe and checkpoint: a name stands in several recipes ("Transformer" at
+    nanoGPT's recipe and at the CPU preset), and a run trained elsewhere keeps each of its own."""
+    return {(e["name"], e["recipe"], e["checkpoint"]): e for e in evaluated}
 
 
 def long_run_rows(second=None):

@@ -446,17 +446,26 @@ def test_equal_time_steps_survive_a_new_machine_and_a_group_is_timed_on_one(tmp_
         return {"tokens_per_s": 1000.0 * minutes, "steps": minutes * 10 + len(timed)}
 
     monkeypatch.setattr(context, "time_training_step", fake_timing)
-    first_group = [name for name in context.EQUAL_TIME if not name.endswith("dropout 0")]
-    committed = {name: {"tokens_per_s": 1.0, "steps": 7} for name in first_group}
+    timed_before = [name for name in context.EQUAL_TIME if not name.endswith("dropout 0")]  # all but one group
+    committed = {name: {"tokens_per_s": 1.0, "steps": 7} for name in timed_before}
     monkeypatch.setattr(context, "committed_results", lambda study: {"equal_time": committed})
     rows = {row.name: row for row in context.equal_time_rows(torch.device("cpu"))}
     assert timed == ["1024", "1024", "128"]  # only the untimed group, all three of it
-    assert all(rows[name].flags[rows[name].flags.index("--max-iters") + 1] == "7" for name in first_group)
+    assert all(rows[name].flags[rows[name].flags.index("--max-iters") + 1] == "7" for name in timed_before)
     transformer_128 = train.parse_args(rows["Transformer, block 128, dropout 0"].flags)
     assert (transformer_128.block_size * transformer_128.batch_size, transformer_128.dropout) == (4096, 0.0)
     assert json.loads(context.TIMINGS.read_text())["Transformer, block 128, dropout 0"]["steps"] == 63
     context.equal_time_rows(torch.device("cpu"))  # now every model is timed: nothing is timed again
     assert len(timed) == 3
+
+
+def test_the_context_study_keeps_each_recipes_scores_of_a_run_trained_elsewhere():
+    import context
+    nanogpt = {"name": "Transformer", "recipe": "nanoGPT recipe, block 64", "checkpoint": "best", "loss": 1.80}
+    preset = {"name": "Transformer", "recipe": "CPU preset, block 128", "checkpoint": "best", "loss": 1.63}
+    kept = context.kept_scores([nanogpt, preset])
+    assert kept["Transformer", "nanoGPT recipe, block 64", "best"] is nanogpt
+    assert kept["Transformer", "CPU preset, block 128", "best"] is preset
 
 
 def test_length_keeps_the_committed_numbers_of_a_checkpoint_not_on_this_machine(tmp_path, monkeypatch):
