@@ -96,10 +96,10 @@ SECOND_SEEDS = [Row("vector stack, carried state (seed 2)", ["--preset", "best-n
 # runs the vector stack and that Transformer again with a second seed.
 EQUAL_TIME_MODELS = {"Transformer, block 1024": ("transformer-cpu", 1024), "vector stack, block 1024":
                      ("best-newllm-cpu", 1024), "Transformer, block 128": ("transformer-cpu", 128)}  # preset, block
-EQUAL_TIME_PAIRS = {"": ([], 12, list(EQUAL_TIME_MODELS)[:2]),  # name suffix: (flags, minutes, models)
+EQUAL_TIME_GROUPS = {"": ([], 12, list(EQUAL_TIME_MODELS)[:2]),  # name suffix: (flags, minutes, models)
                     ", dropout 0": (["--dropout", "0"], 6, list(EQUAL_TIME_MODELS)),
                     ", dropout 0 (seed 2)": (["--dropout", "0", "--seed", "2"], 6, list(EQUAL_TIME_MODELS)[1:])}
-EQUAL_TIME = [name + suffix for suffix, (_, _, models) in EQUAL_TIME_PAIRS.items() for name in models]
+EQUAL_TIME = [name + suffix for suffix, (_, _, models) in EQUAL_TIME_GROUPS.items() for name in models]
 EQUAL_TIME_TOKENS = 4096  # a step's tokens, whatever the block
 TIMINGS = Path("runs/experiments/context-quick/equal-time.json")
 SECOND_TEXT_RECIPE = "lcet10, block 128"  # the regularisation study's runs, read on lcet10's validation text
@@ -362,15 +362,15 @@ def second_text_runs(regularisation_rows):
 
 
 def equal_time_rows(device):
-    """The equal-time rows: each pair's models train for the same minutes of optimiser steps, the number of steps
+    """The equal-time rows: each group's models train for the same minutes of optimiser steps, the number of steps
     set from the model's median training step timed here as the study starts (bench.py's timing; nothing else may
     run then). The timings are kept in the study's folder and in its results, so that a resumed study, here or on
-    another machine, trains the same rows; a pair with a model not yet timed is timed again whole, on one machine."""
+    another machine, trains the same rows; a group with a model not yet timed is timed again whole, on one machine."""
     timed = equal_time_timings()
     rows = []
-    for suffix, (pair_flags, minutes, models) in EQUAL_TIME_PAIRS.items():
+    for suffix, (group_flags, minutes, models) in EQUAL_TIME_GROUPS.items():
         flags = {name + suffix: ["--preset", EQUAL_TIME_MODELS[name][0], "--block-size", str(EQUAL_TIME_MODELS[name][1]),
-                                 "--batch-size", str(EQUAL_TIME_TOKENS // EQUAL_TIME_MODELS[name][1]), *pair_flags]
+                                 "--batch-size", str(EQUAL_TIME_TOKENS // EQUAL_TIME_MODELS[name][1]), *group_flags]
                  for name in models}
         if any(name not in timed for name in flags):
             for name, row_flags in flags.items():
@@ -521,7 +521,7 @@ def equal_time_section(finals, trained):
              "table): the same characters for every model.\n",
              "| model | steps | tokens | training time | validation loss at its block | the same, within the group's "
              "shortest time | loss reading everything | horizon |", "|---|---|---|---|---|---|---|---|"]
-    for suffix, (_, _, models) in EQUAL_TIME_PAIRS.items():
+    for suffix, (_, _, models) in EQUAL_TIME_GROUPS.items():
         group = [s for s in trained if s["name"] in [name + suffix for name in models]]
         lines += equal_time_lines(group, finals)
     return lines
