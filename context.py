@@ -54,7 +54,7 @@ from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, he
                          write_results)
 from models import build_model, model_from_checkpoint
 from regularisation import SEEDS, SETTINGS
-from run_folder import load_checkpoint, read_json, read_log, write_json
+from run_folder import load_checkpoint, read_json, write_json
 from scaling import SCALING, compared_models, scaling_common_flags, scaling_row, tuned_rates
 
 CUTS = [8, 16, 32, 64, 128, 256, 512, 1024]
@@ -531,10 +531,8 @@ def equal_time_lines(runs, finals):
     """The table's lines for one group."""
     lines, shortest = [], min((s["train_time_s"] for s in runs), default=0)
     for s in runs:
-        log_path = Path(s["out_dir"]) / "log.jsonl"
-        curve = s["curve"] if s.get("curve") and all("train_time_s" in r for r in s["curve"]) else \
-            read_log(log_path) if log_path.exists() else []
-        in_time = [r["val_loss"] for r in curve if r["train_time_s"] <= shortest * 1.02]  # 2%: evaluations fall between
+        in_time = [r["val_loss"] for r in s.get("curve", [])  # the curve records training time at each evaluation
+                   if r["train_time_s"] <= shortest * 1.02]  # 2%: evaluations fall between
         e = next((e for e in finals if e["name"] == s["name"]), None)
         within = f"{min(in_time):.4f}" if in_time else "—"
         reading = f"{e['loss']:.4f} | {e['horizon']:,}" if e else "— | —"
