@@ -50,6 +50,7 @@ import field
 import train
 from data import load_dataset
 from delta_rule import at_least_float32
+from mamba import transition
 from experiments import (IMPROVEMENT_SCALES, RESULTS, Row, committed_results, header, kept_rows, run_rows,
                          write_results)
 from models import build_model, model_from_checkpoint
@@ -219,8 +220,10 @@ def gate_half_lives(model, val):
         first, *rest = block.mixer.coefficients(u)
         if model.config.mixer == "vector":
             log_keep = None if first is None else first.log()  # a_t
-        else:
-            log_keep = rest[3] if model.config.mixer == "matrix" else first  # log alpha_t; log exp(Delta_t A)
+        elif model.config.mixer == "matrix":
+            log_keep = rest[3]  # log alpha_t
+        else:  # Mamba: log exp(Delta_t A), from x_t, Delta_t and B_t
+            log_keep = transition(first, *rest[:2], block.mixer.A_log)[0]
         if log_keep is None:  # no keep gate: nothing fades unless overwritten
             return {"median": None, "beyond": {"64": 1.0, "256": 1.0, "1024": 1.0}}  # median None: no gate
         halves.append((math.log(0.5) / log_keep.mean(1)[0].clamp(max=-1e-12)).flatten())

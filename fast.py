@@ -19,8 +19,9 @@ projection) with that function's arguments.
     report_loop   newllm.ContextCell.forward, for the report's own update (no gate, no norm): the loop
                   over positions with its backward pass written out, each weight's gradient summed
                   over all positions in one product, and (on a CPU, in float32) oneDNN's products
-    scan          scan.chunked_scan in Mamba's mixer (C x N recurrences), its two cumulative sums over a
-                  chunk's positions each one product with a triangle of ones (the vector mixer's C: under 5%)
+    selective_scan  mamba.selective_scan, a cache-sized tile of sequences x channels at a time, the states
+                  recomputed in a backward pass written out; its scans' cumulative sums each one product
+                  with a triangle of ones (in the vector mixer, with 16 times fewer channels: under 5%)
     delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
     attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
     padding       transformer.MLP and the stacks' input projections, at widths padded to a multiple of 16
@@ -33,13 +34,13 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from delta_rule import DELTA_CHUNK, at_least_float32
-from mamba import MambaMixer
+from mamba import MambaMixer, selective_scan, transition
 from newllm import ContextCell
-from scan import SCAN_CHUNK, across_chunks, chunked_scan, chunks
+from scan import MIN_KEEP, SCAN_CHUNK, across_chunks, chunked_scan, chunks
 from stack import MatrixMixer, Mixer
 from transformer import MLP, CausalSelfAttention
 
-PIECES = ("report_loop", "scan", "delta_rule", "attention", "padding")
+PIECES = ("report_loop", "selective_scan", "delta_rule", "attention", "padding")
 HOOKS = ("fast", "fast_inputs")  # the module attributes through which a model picks a piece up
 
 
@@ -52,8 +53,8 @@ def accelerate(model, pieces=PIECES):
             module.fast = report_loop if report_update else None
         elif isinstance(module, MatrixMixer) and "delta_rule" in pieces:
             module.fast = delta_rule_fast
-        elif isinstance(module, MambaMixer) and "scan" in pieces:
-            module.fast = triangular_scan
+        elif isinstance(module, MambaMixer) and "selective_scan" in pieces:
+            module.fast = selective_scan_fast
         elif isinstance(module, CausalSelfAttention) and "attention" in pieces:
             module.fast = fused_attention
         if isinstance(module, MLP) and "padding" in pieces and module.up.out_features % 16:
@@ -116,6 +117,93 @@ def triangular_scan(log_a, b, initial=None):
         local = decay * (ones @ (chunks(b) * (-A).exp()))
         c_in = across_chunks(local[:, :, -1], decay[:, :, -1])
         return (local + decay * c_in[:, :, None]).reshape(B, -1, C)[:, :T]
+
+
+# -----------------------------------------------------------------------------
+# selective scan: Mamba's memory a cache-sized tile at a time, its states recomputed in the backward pass
+#
+# mamba.selective_scan materialises log a_t, b_t and every state h_t, (B, T, C, N) each (mamba-cpu: 32 MiB
+# apiece for a batch of 32 x 128), and autograd keeps a dozen such tensors for the backward pass: a step spends
+# most of its time streaming them through memory. Channels and sequences are independent, so the same
+# numbers are computed one tile of sequences x channels at a time, each tensor about 1 MiB (a core's
+# cache), and nothing (B, T, C, N) is kept: the backward pass recomputes a tile's states (as Mamba's own
+# kernel does) and runs the recurrence backwards for the gradient reaching each h_t,
+#     lambda_t = dL/dh_t = dy_t C_t + a_{t+1} lambda_{t+1},
+# from which, with h_{t-1}:  dL/db_t = lambda_t,   dL/d(Delta_t A) = lambda_t h_{t-1} (a_t - MIN_KEEP)
+# (a_t = MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A)), and dL/dC_t = sum_c dy_t h_t.
+# The scans inside are triangular_scan's: each cumulative sum one product with a triangle of ones.
+
+TILE_ELEMENTS = 1 << 18  # (b, T, c, N) numbers per tile: 1 MiB in float32
+
+
+def selective_scan_fast(x, delta, B, C, A_log, h0=None):
+    """mamba.selective_scan's y and h_T, by SelectiveScan on a CPU (on a GPU the lesson's runs). A carried-in
+    h_0 takes no gradient, as training carries it (--carry-state cuts the gradient at the window)."""
+    if x.device.type != "cpu":
+        return selective_scan(x, delta, B, C, A_log, h0)
+    if h0 is not None and h0.requires_grad:
+        raise ValueError("selective_scan_fast does not differentiate the initial state: pass it detached")
+    with torch.autocast("cpu", enabled=False):  # a float32 scan stays float32: it sums many terms
+        return apply_selective_scan(x, delta, B, C, *map(at_least_float32, (A_log, h0)))  # as the lesson promotes
+
+
+@torch.compiler.disable  # torch.compile would unroll the loop over tiles into its graph
+def apply_selective_scan(x, delta, B, C, A_log, h0):
+    return SelectiveScan.apply(x, delta, B, C, A_log, h0)
+
+
+def tiles(batch, T, C, N):
+    """(sequences, channels) slices covering (batch, C), each tile about TILE_ELEMENTS numbers of (b, T, c, N)."""
+    c_step = max(1, min(C, TILE_ELEMENTS // (T * N)))
+    b_step = max(1, TILE_ELEMENTS // (T * c_step * N))
+    return [(slice(b, b + b_step), slice(c, c + c_step)) for b in range(0, batch, b_step) for c in range(0, C, c_step)]
+
+
+def tile_states(x, delta, B, A_log, h0):
+    """One tile's log a_t and every h_t, (b, T, c, N) each, by mamba.transition and triangular_scan."""
+    log_a, b = transition(x, delta, B, A_log)
+    h = triangular_scan(log_a.flatten(2), b.flatten(2), None if h0 is None else h0.flatten(1))
+    return log_a, h.unflatten(2, b.shape[2:])
+
+
+class SelectiveScan(torch.autograd.Function):
+    """mamba.selective_scan tile by tile (tiles), keeping only its inputs for the backward pass (the comment above)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, B, C, A_log, h0):
+        y, h_end = torch.empty_like(x), x.new_empty(*x.shape[:1], *A_log.shape)
+        for rows, channels in tiles(x.size(0), x.size(1), *A_log.shape):
+            start = None if h0 is None else h0[rows, channels]
+            _, h = tile_states(x[rows, :, channels], delta[rows, :, channels], B[rows], A_log[channels], start)
+            y[rows, :, channels] = torch.einsum("btcn,btn->btc", h, C[rows])  # y_t = h_t C_t
+            h_end[rows, channels] = h[:, -1]
+        ctx.mark_non_differentiable(h_end)  # a state carried on to the next window, where its gradient is cut
+        ctx.save_for_backward(x, delta, B, C, A_log, h0)
+        return y, h_end
+
+    @staticmethod
+    @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
+    def backward(ctx, grad_y, grad_h_end):  # grad_h_end: none, h_end is not differentiable
+        x, delta, B, C, A_log, h0 = ctx.saved_tensors
+        dx, d_delta, dB, dC, dA_log = (torch.zeros_like(t) for t in (x, delta, B, C, A_log))
+        A = -A_log.exp()
+        for rows, channels in tiles(x.size(0), x.size(1), *A_log.shape):
+            xs, ds, dy = x[rows, :, channels], delta[rows, :, channels], grad_y[rows, :, channels]
+            start = None if h0 is None else h0[rows, channels]
+            log_a, h = tile_states(xs, ds, B[rows], A_log[channels], start)
+            dC[rows] += torch.einsum("btcn,btc->btn", h, dy)
+            # lambda_t = dy_t C_t + a_{t+1} lambda_{t+1}: the forward scan on the reversed positions
+            g = dy[..., None] * C[rows, :, None, :]
+            log_a_next = F.pad(log_a[:, 1:], (0, 0, 0, 0, 0, 1))  # log a_{t+1}; 0 past the end, where lambda is 0
+            lam = triangular_scan(log_a_next.flip(1).flatten(2), g.flip(1).flatten(2)).flip(1).view_as(h)
+            h_before = torch.cat([torch.zeros_like(h[:, :1]) if start is None else start[:, None], h[:, :-1]], 1)
+            d_decay = lam * h_before * (log_a.exp() - MIN_KEEP)  # dL/d(Delta_t A)
+            d_write = torch.einsum("btcn,btn->btc", lam, B[rows])  # dL/d(Delta_t x_t)
+            dB[rows] += torch.einsum("btcn,btc->btn", lam, ds * xs)
+            dx[rows, :, channels] = ds * d_write
+            d_delta[rows, :, channels] = xs * d_write + torch.einsum("btcn,cn->btc", d_decay, A[channels])
+            dA_log[channels] += torch.einsum("btcn,btc->cn", d_decay, ds) * A[channels]
+        return dx, d_delta, dB, dC, dA_log, None
 
 
 # -----------------------------------------------------------------------------

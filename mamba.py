@@ -21,7 +21,7 @@ lets the token pass by. With N = 1, A = -1 and B_t = C_t = 1 it is close to the 
 gate: the same keep a_t = sigmoid(-z), but the write is Delta_t = softplus(z) (not 1 - a_t), plus D x_t.
 
 Training: h_t is C * N independent recurrences, scan.py's c_t = a_t c_{t-1} + b_t side by side, with
-a_t = exp(Delta_t A) and b_t = Delta_t x_t B_t, so chunked_scan computes every position at once.
+a_t = exp(Delta_t A) and b_t = Delta_t x_t B_t, so selective_scan runs chunked_scan over all of them at once.
 As with the vector mixer's gate, a_t has the floor MIN_KEEP that scan needs (scan.py):
 a_t = MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A). Mamba's own step may wipe a state number in one
 token; this one keeps at least e^-4 of it. State per block: C * N numbers.
@@ -56,29 +56,36 @@ class MambaMixer(Mixer):
             self.to_inputs.bias[2 * C : 3 * C] = step + torch.log(-torch.expm1(-step))
 
     def coefficients(self, u):
-        """u (..., E) -> log a_t and b_t (..., C, N), C_t (..., N), x_t (..., C), at least float32; the read gate's input."""
+        """u (..., E) -> x_t, Delta_t (..., C), B_t, C_t (..., N), at least float32; and the read gate's input."""
         read, *rest = self.inputs(u)
         x, delta, B, C = map(at_least_float32, rest)  # the scan sums many terms: never in bfloat16
-        delta = F.softplus(delta)  # (..., C)
-        decay = delta[..., None] * -self.A_log.exp()  # Delta_t A: (..., C, N), <= 0
-        log_a = torch.logaddexp(decay.new_tensor(math.log(MIN_KEEP)), math.log1p(-MIN_KEEP) + decay)  # log a_t, in log space
-        b = (delta * x)[..., None] * B[..., None, :]  # Delta_t x_t B_t: (..., C, N)
-        return log_a, b, C, x, read
-
-    def answer(self, h, C, x):
-        """y_t = h_t C_t + D * x_t: (..., C, N), (..., N), (..., C) -> (..., C)."""
-        return (h * C[..., None, :]).sum(-1) + self.D * x
+        return x, F.softplus(delta), B, C, read
 
     def forward(self, u, h=None):
-        log_a, b, C, x, read = self.coefficients(u)  # (B, T, C, N) twice, (B, T, N), (B, T, C)
-        h0 = None if h is None else h.flatten(1)  # h_0: carried in, or 0
-        h = (self.fast or chunked_scan)(log_a.flatten(2), b.flatten(2), h0).unflatten(2, log_a.shape[2:])  # every h_t
-        return self.read_out(self.answer(h, C, x), read), h[:, -1]  # (B, T, E), h_T
+        x, delta, B, C, read = self.coefficients(u)  # (B, T, C) twice, (B, T, N) twice
+        y, h = (self.fast or selective_scan)(x, delta, B, C, self.A_log, h)  # h_t C_t for every t, and h_T
+        return self.read_out(y + self.D * x, read), h  # (B, T, E), h_T
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, self.config.state_dim, device=device)  # h_0 = 0
 
     def step(self, u, h):
-        log_a, b, C, x, read = self.coefficients(u)
+        x, delta, B, C, read = self.coefficients(u)
+        log_a, b = transition(x, delta, B, self.A_log)
         h = log_a.exp() * h + b  # (B, C, N)
-        return self.read_out(self.answer(h, C, x), read), h
+        return self.read_out((h * C[..., None, :]).sum(-1) + self.D * x, read), h
+
+
+def transition(x, delta, B, A_log):
+    """h_t = a_t h_{t-1} + b_t's coefficients, (..., C, N) each: log a_t (with its floor) and b_t = Delta_t x_t B_t."""
+    decay = delta[..., None] * -A_log.exp()  # Delta_t A, <= 0
+    log_a = torch.logaddexp(decay.new_tensor(math.log(MIN_KEEP)), math.log1p(-MIN_KEEP) + decay)  # in log space
+    return log_a, (delta * x)[..., None] * B[..., None, :]
+
+
+def selective_scan(x, delta, B, C, A_log, h0=None):
+    """Every h_t at once, read out: x, Delta (B, T, C), B, C (B, T, N), h_0 (B, C, N) or None for 0 ->
+    y_t = h_t C_t (B, T, C) and h_T (B, C, N)."""
+    log_a, b = transition(x, delta, B, A_log)  # (B, T, C, N) each
+    h = chunked_scan(log_a.flatten(2), b.flatten(2), None if h0 is None else h0.flatten(1)).unflatten(2, b.shape[2:])
+    return (h * C[..., None, :]).sum(-1), h[:, -1]

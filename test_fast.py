@@ -138,9 +138,38 @@ def report_loop_inputs():
             torch.randn(C, H, dtype=torch.float64), torch.randn(C, dtype=torch.float64)]
 
 
+def selective_scan_inputs(batch=3, T=37, C=5, N=4):
+    """x, Delta (large enough that some decays sit at MIN_KEEP's floor), B, C, A_log, in float64."""
+    x, B, C_read = torch.randn(batch, T, C), torch.randn(batch, T, N), torch.randn(batch, T, N)
+    delta = torch.nn.functional.softplus(2 * torch.randn(batch, T, C))
+    return [t.double() for t in (x, delta, B, C_read, torch.randn(C, N) + 1)]
+
+
+@pytest.mark.parametrize("carried", [False, True])
+def test_selective_scan_tile_by_tile_equals_the_lesson(monkeypatch, carried):
+    """fast.selective_scan_fast gives mamba.selective_scan's y, h_T and gradients (float64), over tiles that split
+    both the sequences and the channels unevenly, with and without a carried-in h_0."""
+    import mamba
+    monkeypatch.setattr(fast, "TILE_ELEMENTS", 37 * 4 * 2)  # tiles of 1 sequence x 2 channels: 5 = 2 + 2 + 1
+    assert len(fast.tiles(3, 37, 5, 4)) == 9
+    torch.manual_seed(0)
+    inputs = [t.requires_grad_() for t in selective_scan_inputs()]
+    h0 = torch.randn(3, 5, 4, dtype=torch.float64) if carried else None
+    weights = torch.randn(3, 37, 5, dtype=torch.float64)
+    results = []
+    for scan in (mamba.selective_scan, fast.selective_scan_fast):
+        y, h_end = scan(*inputs, h0)
+        results.append([y, h_end, *torch.autograd.grad((y * weights).sum(), inputs)])
+    for got, expected in zip(*results):
+        assert torch.allclose(got, expected, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="initial state"):
+        fast.selective_scan_fast(*inputs, torch.zeros(3, 5, 4, dtype=torch.float64, requires_grad=True))
+
+
 @pytest.mark.parametrize("piece,inputs", [
     (lambda *x: fast.delta_rule_fast(*x, chunk=4)[0], delta_rule_inputs),
-    (lambda *x: fast.context_loop(None, *x), report_loop_inputs)], ids=["delta_rule", "report_loop"])
+    (lambda *x: fast.context_loop(None, *x), report_loop_inputs),
+    (lambda *x: fast.selective_scan_fast(*x)[0], selective_scan_inputs)], ids=["delta_rule", "report_loop", "selective_scan"])
 def test_a_second_derivative_through_a_written_out_backward_is_refused(piece, inputs):
     """The written-out backward passes are not themselves differentiable: asking for a second derivative must fail
     loudly, not return a wrong number."""
