@@ -222,7 +222,7 @@ def gate_half_lives(model, val):
             log_keep = None if first is None else first.log()  # a_t
         elif model.config.mixer == "matrix":
             log_keep = rest[3]  # log alpha_t
-        else:  # Mamba: log exp(Delta_t A), from x_t, Delta_t and B_t
+        else:  # Mamba: log a_t (exp(Delta_t A) with its floor), from Delta_t (transition also builds b_t)
             log_keep = transition(first, *rest[:2], block.mixer.A_log)[0]
         if log_keep is None:  # no keep gate: nothing fades unless overwritten
             return {"median": None, "beyond": {"64": 1.0, "256": 1.0, "1024": 1.0}}  # median None: no gate

@@ -1,6 +1,6 @@
 """
 The engine: everything in this lab that exists only for speed. Read the lesson files first
-(newllm.py, transformer.py, stack.py, scan.py, delta_rule.py): they define every model, and
+(newllm.py, transformer.py, stack.py, scan.py, delta_rule.py, mamba.py): they define every model, and
 `python train.py --no-fast` runs them alone. Nothing here changes what a model computes.
 
     accelerate(model)                    # what train.py, sample.py and bench.py call (unless --no-fast)
@@ -21,13 +21,15 @@ projection) with that function's arguments.
                   over all positions in one product, and (on a CPU, in float32) oneDNN's products
     selective_scan  mamba.selective_scan, a cache-sized tile of sequences x channels at a time, the states
                   recomputed in a backward pass written out; its scans' cumulative sums each one product
-                  with a triangle of ones (in the vector mixer, with 16 times fewer channels: under 5%)
+                  with a triangle of ones (those products alone, tried in the vector mixer's scan with 16
+                  times fewer channels, gained under 5%: the vector mixer runs scan.chunked_scan)
     delta_rule    delta_rule.delta_rule_chunked, with its backward pass written out
     attention     transformer.CausalSelfAttention's attention: PyTorch's fused kernel
     padding       transformer.MLP and the stacks' input projections, at widths padded to a multiple of 16
 """
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -97,13 +99,13 @@ def padded_mlp(mlp, x):
 
 
 # -----------------------------------------------------------------------------
-# scan: a cumulative sum over a chunk's positions as a product with a triangle of ones
+# the selective scan's inner scan: each cumulative sum over a chunk's positions one product with a triangle
 
 
 def triangular_scan(log_a, b, initial=None):
     """scan.chunked_scan's values. A cumulative sum along the middle dimension of (B, n, Q, C) is slow on a CPU
     (forward and backward, which flips and sums again); the same sums as one batched product with the Q x Q
-    lower triangle of ones are faster (3 to 5 times for Mamba's 2,048 channels here), and their backward
+    lower triangle of ones are faster (3 to 5 times, timed on Mamba's whole (B, T, 2,048) tensors), and their backward
     pass is a product too. On a GPU the lesson's scan runs: there products may round their inputs (TF32)."""
     if b.device.type != "cpu":
         return chunked_scan(log_a, b, initial)
@@ -125,20 +127,22 @@ def triangular_scan(log_a, b, initial=None):
 # mamba.selective_scan materialises log a_t, b_t and every state h_t, (B, T, C, N) each (mamba-cpu: 32 MiB
 # apiece for a batch of 32 x 128), and autograd keeps a dozen such tensors for the backward pass: a step spends
 # most of its time streaming them through memory. Channels and sequences are independent, so the same
-# numbers are computed one tile of sequences x channels at a time, each tensor about 1 MiB (a core's
-# cache), and nothing (B, T, C, N) is kept: the backward pass recomputes a tile's states (as Mamba's own
-# kernel does) and runs the recurrence backwards for the gradient reaching each h_t,
+# numbers are computed one tile of sequences x channels at a time, each (b, T, c, N) tensor about 1 MiB
+# rather than 32, small enough for the processor's caches, and nothing (B, T, C, N) is kept: the
+# backward pass recomputes a tile's states (as Mamba's own kernel does) and runs the recurrence backwards
+# for the gradient reaching each h_t,
 #     lambda_t = dL/dh_t = dy_t C_t + a_{t+1} lambda_{t+1},
-# from which, with h_{t-1}:  dL/db_t = lambda_t,   dL/d(Delta_t A) = lambda_t h_{t-1} (a_t - MIN_KEEP)
-# (a_t = MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A)), and dL/dC_t = sum_c dy_t h_t.
+# from which, with h_{t-1}:  dL/db_t = lambda_t,   dL/d(Delta_t A) = lambda_t h_{t-1} (1 - MIN_KEEP) exp(Delta_t A)
+# (as a_t = MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A)), and dL/dC_t = sum_c dy_t h_t.
 # The scans inside are triangular_scan's: each cumulative sum one product with a triangle of ones.
 
 TILE_ELEMENTS = 1 << 18  # (b, T, c, N) numbers per tile: 1 MiB in float32
 
 
 def selective_scan_fast(x, delta, B, C, A_log, h0=None):
-    """mamba.selective_scan's y and h_T, by SelectiveScan on a CPU (on a GPU the lesson's runs). A carried-in
-    h_0 takes no gradient, as training carries it (--carry-state cuts the gradient at the window)."""
+    """mamba.selective_scan's h_t C_t and h_T, by SelectiveScan on a CPU (on a GPU the lesson's runs). h_T comes
+    back without a gradient, and a carried-in h_0 must come in without one, as training carries the state
+    (--carry-state cuts the gradient at the window)."""
     if x.device.type != "cpu":
         return selective_scan(x, delta, B, C, A_log, h0)
     if h0 is not None and h0.requires_grad:
@@ -153,7 +157,8 @@ def apply_selective_scan(x, delta, B, C, A_log, h0):
 
 
 def tiles(batch, T, C, N):
-    """(sequences, channels) slices covering (batch, C), each tile about TILE_ELEMENTS numbers of (b, T, c, N)."""
+    """(sequences, channels) slices covering (batch, C), each tile at most TILE_ELEMENTS numbers of (b, T, c, N),
+    unless T * N alone is more (then one sequence x one channel)."""
     c_step = max(1, min(C, TILE_ELEMENTS // (T * N)))
     b_step = max(1, TILE_ELEMENTS // (T * c_step * N))
     return [(slice(b, b + b_step), slice(c, c + c_step)) for b in range(0, batch, b_step) for c in range(0, C, c_step)]
@@ -182,8 +187,8 @@ class SelectiveScan(torch.autograd.Function):
         return y, h_end
 
     @staticmethod
-    @once_differentiable  # the forward pass records no graph: a second derivative through it would be wrong
-    def backward(ctx, grad_y, grad_h_end):  # grad_h_end: none, h_end is not differentiable
+    @once_differentiable  # refused, not supported: a second derivative through the tiles is untested
+    def backward(ctx, grad_y, grad_h_end):  # grad_h_end: zeros, unused (h_end is marked non-differentiable)
         x, delta, B, C, A_log, h0 = ctx.saved_tensors
         dx, d_delta, dB, dC, dA_log = (torch.zeros_like(t) for t in (x, delta, B, C, A_log))
         A = -A_log.exp()
@@ -197,7 +202,8 @@ class SelectiveScan(torch.autograd.Function):
             log_a_next = F.pad(log_a[:, 1:], (0, 0, 0, 0, 0, 1))  # log a_{t+1}; 0 past the end, where lambda is 0
             lam = triangular_scan(log_a_next.flip(1).flatten(2), g.flip(1).flatten(2)).flip(1).view_as(h)
             h_before = torch.cat([torch.zeros_like(h[:, :1]) if start is None else start[:, None], h[:, :-1]], 1)
-            d_decay = lam * h_before * (log_a.exp() - MIN_KEEP)  # dL/d(Delta_t A)
+            # dL/d(Delta_t A), with (1 - MIN_KEEP) exp(Delta_t A) from Delta_t A itself: a_t - MIN_KEEP would cancel
+            d_decay = lam * h_before * torch.exp(math.log1p(-MIN_KEEP) + ds[..., None] * A[channels])
             d_write = torch.einsum("btcn,btn->btc", lam, B[rows])  # dL/d(Delta_t x_t)
             dB[rows] += torch.einsum("btcn,btc->btn", lam, ds * xs)
             dx[rows, :, channels] = ds * d_write

@@ -40,6 +40,23 @@ from stack import Mixer
 STEP_RANGE = (1e-3, 1e-1)  # Delta_t starts log-uniform in this range, channel by channel (Mamba's initialisation)
 
 
+def transition(x, delta, B, A_log):
+    """The coefficients of h_t = a_t h_{t-1} + b_t, (..., C, N) each: log a_t, with its floor, and
+    b_t = Delta_t x_t B_t."""
+    decay = delta[..., None] * -at_least_float32(A_log).exp()  # Delta_t A, <= 0
+    # log a_t = log(MIN_KEEP + (1 - MIN_KEEP) exp(Delta_t A)), computed in log space
+    log_a = torch.logaddexp(decay.new_tensor(math.log(MIN_KEEP)), math.log1p(-MIN_KEEP) + decay)
+    return log_a, (delta * x)[..., None] * B[..., None, :]
+
+
+def selective_scan(x, delta, B, C, A_log, h0=None):
+    """Every h_t at once, read out: x_t, Delta_t (batch, T, C), B_t, C_t (batch, T, N), h_0 (batch, C, N) or None
+    for 0 -> h_t C_t for every t (y_t before D x_t), (batch, T, C), and h_T (batch, C, N)."""
+    log_a, b = transition(x, delta, B, A_log)  # (batch, T, C, N) each
+    h = chunked_scan(log_a.flatten(2), b.flatten(2), None if h0 is None else h0.flatten(1)).unflatten(2, b.shape[2:])
+    return (h * C[..., None, :]).sum(-1), h[:, -1]
+
+
 class MambaMixer(Mixer):
     """C channels, each a state of N numbers with its own decays, written and read by the input."""
 
@@ -62,9 +79,9 @@ class MambaMixer(Mixer):
         return x, F.softplus(delta), B, C, read
 
     def forward(self, u, h=None):
-        x, delta, B, C, read = self.coefficients(u)  # (B, T, C) twice, (B, T, N) twice
-        y, h = (self.fast or selective_scan)(x, delta, B, C, self.A_log, h)  # h_t C_t for every t, and h_T
-        return self.read_out(y + self.D * x, read), h  # (B, T, E), h_T
+        x, delta, B, C, read = self.coefficients(u)  # (batch, T, C) twice, (batch, T, N) twice
+        read_h, h_end = (self.fast or selective_scan)(x, delta, B, C, self.A_log, h)  # h_t C_t for every t; h_T
+        return self.read_out(read_h + self.D * x, read), h_end  # y_t = h_t C_t + D x_t, read out: (B, T, E)
 
     def init_state(self, batch_size, device):
         return torch.zeros(batch_size, self.config.context_dim, self.config.state_dim, device=device)  # h_0 = 0
@@ -74,18 +91,3 @@ class MambaMixer(Mixer):
         log_a, b = transition(x, delta, B, self.A_log)
         h = log_a.exp() * h + b  # (B, C, N)
         return self.read_out((h * C[..., None, :]).sum(-1) + self.D * x, read), h
-
-
-def transition(x, delta, B, A_log):
-    """h_t = a_t h_{t-1} + b_t's coefficients, (..., C, N) each: log a_t (with its floor) and b_t = Delta_t x_t B_t."""
-    decay = delta[..., None] * -A_log.exp()  # Delta_t A, <= 0
-    log_a = torch.logaddexp(decay.new_tensor(math.log(MIN_KEEP)), math.log1p(-MIN_KEEP) + decay)  # in log space
-    return log_a, (delta * x)[..., None] * B[..., None, :]
-
-
-def selective_scan(x, delta, B, C, A_log, h0=None):
-    """Every h_t at once, read out: x, Delta (B, T, C), B, C (B, T, N), h_0 (B, C, N) or None for 0 ->
-    y_t = h_t C_t (B, T, C) and h_T (B, C, N)."""
-    log_a, b = transition(x, delta, B, A_log)  # (B, T, C, N) each
-    h = chunked_scan(log_a.flatten(2), b.flatten(2), None if h0 is None else h0.flatten(1)).unflatten(2, b.shape[2:])
-    return (h * C[..., None, :]).sum(-1), h[:, -1]

@@ -6,6 +6,8 @@ none of them.
     python -m pytest -q test_fast.py
 """
 
+import math
+
 import pytest
 import torch
 
@@ -146,14 +148,17 @@ def selective_scan_inputs(batch=3, T=37, C=5, N=4):
 
 
 @pytest.mark.parametrize("carried", [False, True])
-def test_selective_scan_tile_by_tile_equals_the_lesson(monkeypatch, carried):
-    """fast.selective_scan_fast gives mamba.selective_scan's y, h_T and gradients (float64), over tiles that split
-    both the sequences and the channels unevenly, with and without a carried-in h_0."""
+@pytest.mark.parametrize("tile,count", [(37 * 4 * 2, 9), (2 * 37 * 5 * 4, 2)])
+def test_selective_scan_tile_by_tile_equals_the_lesson(monkeypatch, carried, tile, count):
+    """fast.selective_scan_fast gives mamba.selective_scan's y, h_T and gradients (float64, some decays at the
+    floor), over tiles that split the channels unevenly (1 sequence x 2 + 2 + 1 channels) or the sequences
+    (2 + 1 sequences x all channels), with and without a carried-in h_0."""
     import mamba
-    monkeypatch.setattr(fast, "TILE_ELEMENTS", 37 * 4 * 2)  # tiles of 1 sequence x 2 channels: 5 = 2 + 2 + 1
-    assert len(fast.tiles(3, 37, 5, 4)) == 9
+    monkeypatch.setattr(fast, "TILE_ELEMENTS", tile)
+    assert len(fast.tiles(3, 37, 5, 4)) == count
     torch.manual_seed(0)
     inputs = [t.requires_grad_() for t in selective_scan_inputs()]
+    assert (mamba.transition(*inputs[:3], inputs[4])[0] < math.log(mamba.MIN_KEEP) + 1e-3).any()
     h0 = torch.randn(3, 5, 4, dtype=torch.float64) if carried else None
     weights = torch.randn(3, 37, 5, dtype=torch.float64)
     results = []
